@@ -1,0 +1,227 @@
+//! The ledger trait: where claims, leases and stored responses live.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use crate::{
+    Claim, FencingToken, Fingerprint, LedgerError, LedgerKey, OperationId, OperationStatus,
+    ScopeDigest, StoredResponse,
+};
+
+/// One claim attempt: who asks, for which key, with which fingerprint, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The record's key (scope and idempotency key, digested).
+    pub key: LedgerKey,
+    /// The caller's scope, kept on the record for operation lookups.
+    pub scope: ScopeDigest,
+    /// The request's fingerprint, kept on the record and compared by the layer.
+    pub fingerprint: Fingerprint,
+    /// The token to install if the claim wins. Fresh for every attempt.
+    pub token: FencingToken,
+    /// The operation id to give a new record (a takeover keeps the record's own).
+    pub operation_id: OperationId,
+    /// How long the lease lasts before another request may take the key over.
+    pub lease: Duration,
+    /// How long an abandoned claim is kept before purge may delete it.
+    pub retention: Duration,
+}
+
+impl ClaimRequest {
+    /// A claim with a fresh token and operation id.
+    pub fn new(
+        key: LedgerKey,
+        scope: ScopeDigest,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        retention: Duration,
+    ) -> Self {
+        Self {
+            key,
+            scope,
+            fingerprint,
+            token: FencingToken::new(),
+            operation_id: OperationId::new_v4(),
+            lease,
+            retention,
+        }
+    }
+}
+
+/// A store of idempotency records. Implement it to put the ledger in another database; run
+/// [`conformance`](crate::conformance) (feature `conformance`) to check the implementation.
+///
+/// # The contract
+///
+/// A record is absent, in progress (token, lease deadline, operation id) or completed (stored
+/// response, expiry). Every implementation keeps these rules; the layer's guarantees rest on them.
+///
+/// 1. **[`claim`](Self::claim) is one atomic step** in the backend itself (a single statement, a
+///    lock held across read and write, a script), never a read followed by a write. Of any number
+///    of concurrent claims of an absent key, exactly one returns [`Claim::Acquired`].
+/// 2. A claim **takes the key** when the record is absent, when its expiry (`retention` after it
+///    was claimed or completed) has passed, or when it is in progress with an expired lease *and
+///    the same fingerprint* (crash recovery; the takeover keeps the operation id and sets
+///    [`Lease::taken_over`](crate::Lease::taken_over)). Otherwise it returns the record as
+///    [`Claim::Existing`] and writes nothing.
+/// 3. **Fencing**: [`complete`](Self::complete), [`release`](Self::release) and
+///    [`renew`](Self::renew) succeed only while the record is in progress under the caller's
+///    token; otherwise they write nothing and return [`LedgerError::LeaseLost`]. A completed
+///    record is never overwritten.
+/// 4. Lease and retention are separate: the lease bounds how long a crashed holder blocks its
+///    key; retention bounds how long a completed response is replayed.
+/// 5. [`operation`](Self::operation) answers only for the scope that created the record.
+/// 6. Responses round-trip exactly: status, every header value in order, body bytes.
+/// 7. Expired records are treated as absent by `claim` and `operation` even before
+///    [`purge_expired`](Self::purge_expired) deletes them.
+pub trait Ledger: Send + Sync + 'static {
+    /// A short name for traces and metrics, such as `"memory"` or `"postgres"`.
+    fn name(&self) -> &'static str;
+
+    /// Atomically claims `request.key`, or reports the record that holds it. See the contract.
+    fn claim(
+        &self,
+        request: &ClaimRequest,
+    ) -> impl Future<Output = Result<Claim, LedgerError>> + Send;
+
+    /// Stores `response` for the key held under `token` and keeps it for `retention`.
+    fn complete(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+
+    /// Deletes the in-progress record held under `token`, so that a retry runs the handler again.
+    fn release(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+
+    /// Extends the lease held under `token` to `lease` from now.
+    fn renew(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+
+    /// The state of operation `id`, if it exists, has not expired, and belongs to `scope`.
+    fn operation(
+        &self,
+        scope: &ScopeDigest,
+        id: OperationId,
+    ) -> impl Future<Output = Result<Option<OperationStatus>, LedgerError>> + Send;
+
+    /// Deletes every expired record, at most `batch` per statement or lock hold so that claims
+    /// keep flowing, and returns how many were deleted.
+    fn purge_expired(&self, batch: usize) -> impl Future<Output = Result<u64, LedgerError>> + Send;
+
+    /// Returns when the record under `key` may have changed (completed, released, taken over), or
+    /// after at most `timeout`. It may return early; callers claim again and wait again.
+    ///
+    /// The default polls: it sleeps 25 ms (or `timeout`, if shorter). Ledgers that can be told of
+    /// a change (a notify, a `LISTEN`, a pub/sub channel) should override it.
+    fn wait_for_change(
+        &self,
+        key: &LedgerKey,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send {
+        let _ = key;
+        tokio::time::sleep(timeout.min(Duration::from_millis(25)))
+    }
+}
+
+impl<L: Ledger> Ledger for Arc<L> {
+    fn name(&self) -> &'static str {
+        (**self).name()
+    }
+
+    fn claim(
+        &self,
+        request: &ClaimRequest,
+    ) -> impl Future<Output = Result<Claim, LedgerError>> + Send {
+        (**self).claim(request)
+    }
+
+    fn complete(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send {
+        (**self).complete(key, token, response, retention)
+    }
+
+    fn release(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send {
+        (**self).release(key, token)
+    }
+
+    fn renew(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send {
+        (**self).renew(key, token, lease)
+    }
+
+    fn operation(
+        &self,
+        scope: &ScopeDigest,
+        id: OperationId,
+    ) -> impl Future<Output = Result<Option<OperationStatus>, LedgerError>> + Send {
+        (**self).operation(scope, id)
+    }
+
+    fn purge_expired(&self, batch: usize) -> impl Future<Output = Result<u64, LedgerError>> + Send {
+        (**self).purge_expired(batch)
+    }
+
+    fn wait_for_change(
+        &self,
+        key: &LedgerKey,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send {
+        (**self).wait_for_change(key, timeout)
+    }
+}
+
+/// Purges expired records every `every`, `batch` at a time, until the returned future is dropped.
+/// Spawn it once per ledger; it is opt-in so that the app decides where maintenance runs.
+///
+/// A failed purge is logged (`tracing` at warn) and retried at the next tick.
+///
+/// ```
+/// # async fn run() {
+/// use std::time::Duration;
+/// use tower_idempotency_core::{MemoryLedger, purge_periodically};
+///
+/// let ledger = MemoryLedger::new();
+/// tokio::spawn(purge_periodically(ledger.clone(), Duration::from_secs(60), 1_000));
+/// # }
+/// ```
+pub async fn purge_periodically<L: Ledger>(ledger: L, every: Duration, batch: usize) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match ledger.purge_expired(batch).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::debug!(
+                ledger = ledger.name(),
+                purged,
+                "purged expired idempotency records"
+            ),
+            Err(error) => {
+                tracing::warn!(ledger = ledger.name(), %error, "purging expired idempotency records failed")
+            }
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! The ledger side of [tower-idempotency](https://docs.rs/tower-idempotency): the [`Ledger`]
+//! trait and its contract, the records it keeps, idempotency keys and request fingerprints, and
+//! [`MemoryLedger`].
+//!
+//! This crate has no HTTP server dependency, so a ledger backend can depend on it alone. Backend
+//! authors check their implementation with the conformance suite (feature `conformance`):
+//!
+//! ```toml
+//! [dev-dependencies]
+//! tower-idempotency-core = { version = "0.1", features = ["conformance"] }
+//! ```
+//!
+//! ```no_run
+//! # use tower_idempotency_core::{MemoryLedger, ledger_conformance_tests};
+//! // in tests/conformance.rs, with your ledger in place of MemoryLedger:
+//! ledger_conformance_tests!(async { MemoryLedger::new() });
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod error;
+pub mod fingerprint;
+mod key;
+mod ledger;
+mod memory;
+mod record;
+
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
+
+pub use error::{BoxError, LedgerError};
+pub use fingerprint::Fingerprint;
+pub use key::{IdempotencyKey, KeyError, LedgerKey, MAX_KEY_LEN, ScopeDigest};
+pub use ledger::{ClaimRequest, Ledger, purge_periodically};
+pub use memory::MemoryLedger;
+pub use record::{
+    Claim, Existing, FencingToken, Lease, OperationId, OperationStatus, RecordState, StoredResponse,
+};

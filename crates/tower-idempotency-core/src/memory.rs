@@ -1,0 +1,441 @@
+//! An in-memory ledger for a single process.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    hash::BuildHasher,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    Claim, ClaimRequest, Existing, FencingToken, Fingerprint, Lease, Ledger, LedgerError,
+    LedgerKey, OperationId, OperationStatus, RecordState, ScopeDigest, StoredResponse,
+};
+
+/// A ledger in this process's memory: fast, and gone when the process exits.
+///
+/// Records live in shards, each behind its own short-held mutex, so requests for different keys
+/// do not contend on one lock and nothing is held across an `.await`. Waiters for a key (the
+/// `Wait` in-progress policy) are woken when it completes or is released. Memory is bounded by
+/// retention: run [`purge_expired`](Ledger::purge_expired) periodically (see
+/// [`purge_periodically`](crate::purge_periodically)).
+///
+/// Cloning is cheap and shares the records.
+///
+/// ```
+/// use tower_idempotency_core::MemoryLedger;
+/// let ledger = MemoryLedger::new();
+/// assert_eq!(ledger.len(), 0);
+/// ```
+#[derive(Clone)]
+pub struct MemoryLedger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    records: Box<[Mutex<HashMap<LedgerKey, Entry, KeyHasher>>]>,
+    operations: Box<[Mutex<HashMap<OperationId, LedgerKey, KeyHasher>>]>,
+}
+
+struct Entry {
+    scope: ScopeDigest,
+    fingerprint: Fingerprint,
+    operation_id: OperationId,
+    expires_at: Instant,
+    state: State,
+    /// Created when someone first waits on this key; every change is sent on it.
+    changed: Option<watch::Sender<()>>,
+}
+
+enum State {
+    InProgress {
+        token: FencingToken,
+        lease_until: Instant,
+    },
+    Completed(StoredResponse),
+}
+
+impl Entry {
+    fn notify(&mut self) {
+        if let Some(tx) = self.changed.take() {
+            tx.send_replace(());
+        }
+    }
+}
+
+/// Both maps are keyed by values that are already uniformly random (SHA-256 digests, v4 UUIDs),
+/// so hashing them again with SipHash would be wasted work on the hot path: take 8 bytes.
+#[derive(Clone, Copy, Default)]
+struct KeyHasher;
+
+impl BuildHasher for KeyHasher {
+    type Hasher = PrefixHasher;
+    fn build_hasher(&self) -> PrefixHasher {
+        PrefixHasher(0)
+    }
+}
+
+struct PrefixHasher(u64);
+
+impl std::hash::Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Digests and UUIDs hash as their bytes (after a length prefix for arrays of slices,
+        // which `write_usize` below ignores); fold the first 8 random bytes.
+        for chunk in bytes.chunks(8).take(1) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(buf);
+        }
+    }
+    fn write_usize(&mut self, _: usize) {}
+}
+
+fn shard_of(bytes: &[u8], shards: usize) -> usize {
+    // The last byte is independent of the 8 the hasher uses, so shard and bucket do not correlate.
+    bytes[bytes.len() - 1] as usize % shards
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a shard lock cannot leave a record half-written (every mutation is a
+    // single insert, remove or assignment), so a poisoned lock is safe to keep using.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl MemoryLedger {
+    /// A ledger with 64 shards.
+    pub fn new() -> Self {
+        Self::with_shards(64)
+    }
+
+    /// A ledger with `shards` shards (at least 1, at most 256).
+    pub fn with_shards(shards: usize) -> Self {
+        let shards = shards.clamp(1, 256);
+        Self {
+            inner: Arc::new(Inner {
+                records: (0..shards).map(|_| Mutex::default()).collect(),
+                operations: (0..shards).map(|_| Mutex::default()).collect(),
+            }),
+        }
+    }
+
+    /// How many records are held, expired ones included until purged.
+    pub fn len(&self) -> usize {
+        self.inner.records.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// Whether no record is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn records(&self, key: &LedgerKey) -> MutexGuard<'_, HashMap<LedgerKey, Entry, KeyHasher>> {
+        let shards = &self.inner.records;
+        lock(&shards[shard_of(key.as_bytes(), shards.len())])
+    }
+
+    fn operations(
+        &self,
+        id: &OperationId,
+    ) -> MutexGuard<'_, HashMap<OperationId, LedgerKey, KeyHasher>> {
+        let shards = &self.inner.operations;
+        lock(&shards[shard_of(id.as_bytes(), shards.len())])
+    }
+
+    fn forget_operation(&self, id: &OperationId) {
+        self.operations(id).remove(id);
+    }
+
+    /// Applies `f` to the in-progress record held under `token`, or reports the lease lost.
+    fn with_held<R>(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        f: impl FnOnce(&mut HashMap<LedgerKey, Entry, KeyHasher>, Instant) -> R,
+    ) -> Result<R, LedgerError> {
+        let mut records = self.records(key);
+        let now = Instant::now();
+        match records.get(key) {
+            Some(Entry {
+                state: State::InProgress { token: held, .. },
+                expires_at,
+                ..
+            }) if *held == token && *expires_at > now => Ok(f(&mut records, now)),
+            _ => Err(LedgerError::LeaseLost),
+        }
+    }
+}
+
+impl Default for MemoryLedger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryLedger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLedger")
+            .field("shards", &self.inner.records.len())
+            .field("records", &self.len())
+            .finish()
+    }
+}
+
+impl Ledger for MemoryLedger {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
+        let now = Instant::now();
+        let mut stale_operation = None;
+        let lease = {
+            let mut records = self.records(&request.key);
+            let lease = match records.get_mut(&request.key) {
+                None => None,
+                Some(entry) if entry.expires_at <= now => {
+                    stale_operation = Some(entry.operation_id);
+                    entry.notify();
+                    records.remove(&request.key);
+                    None
+                }
+                Some(entry) => match entry.state {
+                    State::InProgress { lease_until, .. }
+                        if lease_until <= now && entry.fingerprint == request.fingerprint =>
+                    {
+                        entry.state = State::InProgress {
+                            token: request.token,
+                            lease_until: now + request.lease,
+                        };
+                        entry.expires_at = now + request.retention;
+                        entry.notify();
+                        Some(Lease {
+                            token: request.token,
+                            operation_id: entry.operation_id,
+                            taken_over: true,
+                        })
+                    }
+                    ref state => {
+                        return Ok(Claim::Existing(Existing {
+                            fingerprint: entry.fingerprint,
+                            operation_id: entry.operation_id,
+                            state: match state {
+                                State::InProgress { .. } => RecordState::InProgress,
+                                State::Completed(response) => {
+                                    RecordState::Completed(response.clone())
+                                }
+                            },
+                        }));
+                    }
+                },
+            };
+            match lease {
+                Some(lease) => lease,
+                None => {
+                    records.insert(
+                        request.key,
+                        Entry {
+                            scope: request.scope,
+                            fingerprint: request.fingerprint,
+                            operation_id: request.operation_id,
+                            expires_at: now + request.retention,
+                            state: State::InProgress {
+                                token: request.token,
+                                lease_until: now + request.lease,
+                            },
+                            changed: None,
+                        },
+                    );
+                    Lease {
+                        token: request.token,
+                        operation_id: request.operation_id,
+                        taken_over: false,
+                    }
+                }
+            }
+        };
+        if let Some(id) = stale_operation {
+            self.forget_operation(&id);
+        }
+        if !lease.taken_over {
+            self.operations(&lease.operation_id)
+                .insert(lease.operation_id, request.key);
+        }
+        Ok(Claim::Acquired(lease))
+    }
+
+    async fn complete(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<(), LedgerError> {
+        self.with_held(key, token, |records, now| {
+            if let Some(entry) = records.get_mut(key) {
+                entry.state = State::Completed(response.clone());
+                entry.expires_at = now + retention;
+                entry.notify();
+            }
+        })
+    }
+
+    async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
+        let released = self.with_held(key, token, |records, _| {
+            records.remove(key).map(|mut entry| {
+                entry.notify();
+                entry.operation_id
+            })
+        })?;
+        if let Some(id) = released {
+            self.forget_operation(&id);
+        }
+        Ok(())
+    }
+
+    async fn renew(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), LedgerError> {
+        self.with_held(key, token, |records, now| {
+            if let Some(Entry {
+                state: State::InProgress { lease_until, .. },
+                ..
+            }) = records.get_mut(key)
+            {
+                *lease_until = now + lease;
+            }
+        })
+    }
+
+    async fn operation(
+        &self,
+        scope: &ScopeDigest,
+        id: OperationId,
+    ) -> Result<Option<OperationStatus>, LedgerError> {
+        let Some(key) = self.operations(&id).get(&id).copied() else {
+            return Ok(None);
+        };
+        let records = self.records(&key);
+        Ok(records
+            .get(&key)
+            .filter(|e| e.operation_id == id && e.scope == *scope)
+            .filter(|e| e.expires_at > Instant::now())
+            .map(|e| match &e.state {
+                State::InProgress { .. } => OperationStatus::InProgress,
+                State::Completed(response) => OperationStatus::Completed(response.clone()),
+            }))
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<u64, LedgerError> {
+        let batch = batch.max(1);
+        let mut purged = 0u64;
+        for shard in self.inner.records.iter() {
+            loop {
+                let now = Instant::now();
+                let expired: Vec<(LedgerKey, OperationId)> = {
+                    let mut records = lock(shard);
+                    let expired: Vec<_> = records
+                        .iter()
+                        .filter(|(_, e)| e.expires_at <= now)
+                        .take(batch)
+                        .map(|(k, e)| (*k, e.operation_id))
+                        .collect();
+                    for (key, _) in &expired {
+                        if let Some(mut entry) = records.remove(key) {
+                            entry.notify();
+                        }
+                    }
+                    expired
+                };
+                for (_, id) in &expired {
+                    self.forget_operation(id);
+                }
+                purged += expired.len() as u64;
+                if expired.len() < batch {
+                    break;
+                }
+            }
+        }
+        Ok(purged)
+    }
+
+    async fn wait_for_change(&self, key: &LedgerKey, timeout: Duration) {
+        // Subscribe under the shard lock: every change is made under the same lock and sent after
+        // it, so no completion can slip between the caller's claim and this subscription unseen
+        // (a change before it is seen by the caller's next claim).
+        let mut rx = {
+            let mut records = self.records(key);
+            let Some(entry) = records.get_mut(key) else {
+                return;
+            };
+            entry
+                .changed
+                .get_or_insert_with(|| watch::channel(()).0)
+                .subscribe()
+        };
+        // A closed channel (the entry was removed) is a change too.
+        let _ = tokio::time::timeout(timeout, rx.changed()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::IdempotencyKey;
+
+    fn claim(key: &str, fp: &[u8]) -> ClaimRequest {
+        let key = IdempotencyKey::parse(key.as_bytes()).unwrap();
+        ClaimRequest::new(
+            LedgerKey::new(b"", &key),
+            ScopeDigest::new(b""),
+            Fingerprint::of(fp),
+            Duration::from_secs(30),
+            Duration::from_secs(3600),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn spreads_keys_over_shards_and_buckets() {
+        let ledger = MemoryLedger::with_shards(8);
+        for i in 0..800 {
+            let r = claim(&format!("k{i}"), b"x");
+            assert!(matches!(
+                ledger.claim(&r).await.unwrap(),
+                Claim::Acquired(_)
+            ));
+        }
+        let sizes: Vec<usize> = ledger.inner.records.iter().map(|s| lock(s).len()).collect();
+        assert!(sizes.iter().all(|&n| n > 50), "uneven shards: {sizes:?}");
+        assert_eq!(ledger.len(), 800);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn purge_bounds_memory_and_forgets_operations() {
+        let ledger = MemoryLedger::new();
+        let mut r = claim("k", b"x");
+        r.retention = Duration::from_secs(1);
+        let Claim::Acquired(lease) = ledger.claim(&r).await.unwrap() else {
+            panic!("expected a fresh claim")
+        };
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(ledger.purge_expired(10).await.unwrap(), 1);
+        assert!(ledger.is_empty());
+        assert!(
+            ledger
+                .operation(&r.scope, lease.operation_id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let ops: usize = ledger.inner.operations.iter().map(|s| lock(s).len()).sum();
+        assert_eq!(ops, 0);
+    }
+}
