@@ -1,0 +1,1 @@
+//! SQLite and PostgreSQL ledgers (placeholder: being written).
