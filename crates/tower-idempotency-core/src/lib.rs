@@ -10,11 +10,8 @@
 //! tower-idempotency-core = { version = "0.1", features = ["conformance"] }
 //! ```
 //!
-//! ```no_run
-//! # use tower_idempotency_core::{MemoryLedger, ledger_conformance_tests};
-//! // in tests/conformance.rs, with your ledger in place of MemoryLedger:
-//! ledger_conformance_tests!(async { MemoryLedger::new() });
-//! ```
+//! and then, in a test file, `ledger_conformance_tests!(async { YourLedger::new() });` expands to
+//! one test per rule of the contract (see the `conformance` module).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;

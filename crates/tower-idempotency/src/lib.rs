@@ -1,1 +1,76 @@
-//! placeholder
+//! Tower/axum middleware that makes handlers replay-safe with the `Idempotency-Key` header.
+//!
+//! A retried `POST /payments` with the same key never charges twice: the first request runs the
+//! handler, a retry gets the stored response back (`Idempotent-Replayed: true`), a concurrent
+//! duplicate gets 409 (or 202, or waits for the result), and the same key with a different body
+//! gets 422. The behaviour follows the IETF draft
+//! [`draft-ietf-httpapi-idempotency-key-header`](https://datatracker.ietf.org/doc/draft-ietf-httpapi-idempotency-key-header/),
+//! Stripe's idempotent requests and brandur's Postgres design.
+//!
+//! ```
+//! use axum::{Json, Router, http::StatusCode, routing::post};
+//! use serde_json::{Value, json};
+//! use tower_idempotency::{IdempotencyLayer, MemoryLedger};
+//!
+//! async fn create_payment(Json(payment): Json<Value>) -> (StatusCode, Json<Value>) {
+//!     // charge the card once, write the payment...
+//!     (StatusCode::CREATED, Json(json!({ "id": "pay_1", "amount": payment["amount"] })))
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(create_payment))
+//!     .layer(IdempotencyLayer::new(MemoryLedger::new()));
+//! ```
+//!
+//! | situation | response | handler runs |
+//! |---|---|---|
+//! | first request with this key | the handler's own response | once |
+//! | same key, same request, completed | the stored response + `Idempotent-Replayed: true` | no |
+//! | same key, different request | 422 | no |
+//! | same key, same request, still running | 409 + `Retry-After` (or 202, or wait) | no |
+//! | missing or invalid key | 400 | no |
+//! | body over the limit (1 MiB) | 413 | no |
+//! | ledger unreachable | 503 + `Retry-After` (or fail open) | no |
+//!
+//! Rejections are `application/problem+json` ([`problem`]). Settings and their defaults are on
+//! [`IdempotencyLayerBuilder`]. Ledgers implement [`Ledger`]: [`MemoryLedger`] here, SQLite and
+//! PostgreSQL in `tower-idempotency-sqlx`. Spans and metrics are described in [`telemetry`].
+//!
+//! # How a covered request runs
+//! 1. The key is read and validated; the body is read up to the limit and fingerprinted.
+//! 2. The ledger claims `(scope, key)` in one atomic step with a fresh fencing token.
+//! 3. The winner runs the handler in a task of its own (a client disconnect does not stop it),
+//!    renewing its lease every third of the lease; its response is stored with the token (a
+//!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic
+//!    or a failed body, the key is released so that a retry runs again.
+//! 4. Everyone else gets the replay, 409/202/a wait, or 422, as above.
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod config;
+mod future;
+mod layer;
+mod operations;
+mod outcome;
+pub mod problem;
+mod response;
+mod service;
+pub mod telemetry;
+
+pub use body::ResponseBody;
+pub use config::{
+    ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey, default_store,
+};
+pub use future::ResponseFuture;
+pub use layer::IdempotencyLayer;
+pub use outcome::Outcome;
+pub use response::{REPLAY_BODY, REPLAYED};
+pub use service::Idempotency;
+pub use tower_idempotency_core::{
+    self as core, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
+    purge_periodically,
+};
+
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -1,0 +1,616 @@
+//! The service: one covered request from key to stored response.
+
+use std::{
+    fmt,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::{HeaderMap, HeaderName, Request, Response, header};
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::time::Instant;
+use tower_idempotency_core::{
+    BoxError, Claim, ClaimRequest, FencingToken, Fingerprint, IdempotencyKey, KeyError, Lease,
+    Ledger, LedgerError, LedgerKey, RecordState, ScopeDigest,
+};
+use tower_service::Service;
+use tracing::{Instrument, field::Empty};
+
+use crate::{
+    Outcome,
+    body::ResponseBody,
+    config::{InProgress, LedgerFailure, MissingKey},
+    future::ResponseFuture,
+    layer::Shared,
+    problem::{Rejection, RejectionKind, render},
+    response::{replay, to_stored},
+};
+
+/// The middleware service that [`IdempotencyLayer`](crate::IdempotencyLayer) wraps around a
+/// handler. Its error is the inner service's own: every failure of its own (a bad key, a ledger
+/// outage, a panic) becomes a response.
+pub struct Idempotency<S, L> {
+    inner: S,
+    shared: Arc<Shared<L>>,
+}
+
+impl<S, L> Idempotency<S, L> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<L>>) -> Self {
+        Self { inner, shared }
+    }
+}
+
+impl<S: Clone, L> Clone for Idempotency<S, L> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, L> fmt::Debug for Idempotency<S, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, L, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, L>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    L: Ledger,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        // Take the service that was polled ready and leave a clone in its place:
+        // https://docs.rs/tower/latest/tower/trait.Service.html#be-careful-when-cloning-inner-services
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        if !shared.config.covers(request.method()) {
+            let response = inner.call(request);
+            return ResponseFuture {
+                inner: Box::pin(async move { Ok(response.await?.map(ResponseBody::stream)) }),
+            };
+        }
+        let span = tracing::info_span!(
+            "idempotency",
+            outcome = Empty,
+            key = Empty,
+            operation_id = Empty,
+            ledger = shared.ledger.name(),
+            lease_ms = shared.config.lease.as_millis() as u64,
+            takeover = Empty,
+        );
+        ResponseFuture {
+            inner: Box::pin(handle(shared, inner, request).instrument(span)),
+        }
+    }
+}
+
+type Result<T, E> = std::result::Result<T, E>;
+
+/// A response with no handler behind it: a rejection, a 202 or a replay.
+fn answer<B>(
+    shared: &Shared<impl Ledger>,
+    outcome: Outcome,
+    response: Response<ResponseBody<B>>,
+) -> Response<ResponseBody<B>> {
+    let mut response = response;
+    shared.config.telemetry.outcome(outcome);
+    response.extensions_mut().insert(outcome);
+    response
+}
+
+fn reject<B>(
+    shared: &Shared<impl Ledger>,
+    outcome: Outcome,
+    rejection: Rejection,
+) -> Response<ResponseBody<B>> {
+    let response = render(&*shared.config.responder, &rejection).map(ResponseBody::full);
+    answer(shared, outcome, response)
+}
+
+/// The key from `headers`: `Ok(None)` if absent, an error if malformed or repeated.
+fn read_key(headers: &HeaderMap, name: &HeaderName) -> Result<Option<IdempotencyKey>, KeyError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Repeated);
+    }
+    IdempotencyKey::parse(value.as_bytes()).map(Some)
+}
+
+/// The declared length, if the request declares one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+async fn handle<S, L, ReqBody, ResBody>(
+    shared: Arc<Shared<L>>,
+    mut inner: S,
+    request: Request<ReqBody>,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    L: Ledger,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let key = match read_key(request.headers(), &config.header) {
+        Ok(Some(key)) => key,
+        Ok(None) if config.missing_key == MissingKey::Allow => {
+            let response = inner.call(request).await?;
+            return Ok(answer(
+                &shared,
+                Outcome::Bypassed,
+                response.map(ResponseBody::stream),
+            ));
+        }
+        Ok(None) => {
+            let detail = format!("send a unique `{}` header with this request", config.header);
+            return Ok(reject(
+                &shared,
+                Outcome::Rejected,
+                Rejection::new(RejectionKind::MissingKey, detail),
+            ));
+        }
+        Err(error) => {
+            return Ok(reject(
+                &shared,
+                Outcome::Rejected,
+                Rejection::new(RejectionKind::InvalidKey, error.to_string()),
+            ));
+        }
+    };
+
+    let (parts, body) = request.into_parts();
+    let limit = config.body_limit;
+    let too_large = || {
+        let detail = format!("the request body is larger than {limit} bytes");
+        Rejection::new(RejectionKind::PayloadTooLarge, detail)
+    };
+    if content_length(&parts.headers).is_some_and(|n| n > limit as u64)
+        || body.size_hint().lower() > limit as u64
+    {
+        return Ok(reject(&shared, Outcome::Rejected, too_large()));
+    }
+    let body = match Limited::new(body, limit).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            return Ok(reject(&shared, Outcome::Rejected, too_large()));
+        }
+        Err(_) => {
+            let rejection = Rejection::new(
+                RejectionKind::BodyUnreadable,
+                "the request body could not be read",
+            );
+            return Ok(reject(&shared, Outcome::Rejected, rejection));
+        }
+    };
+
+    let scope = config.scope_of(&parts);
+    let ledger_key = LedgerKey::new(&scope, &key);
+    let scope = ScopeDigest::new(&scope);
+    let span = tracing::Span::current();
+    span.record("key", ledger_key.short());
+    let fingerprint = match &config.fingerprint {
+        Some(custom) => custom(&parts, &body),
+        None => Fingerprint::of_request(
+            &parts,
+            &config.fingerprint_headers,
+            &body,
+            config.canonical_json,
+        ),
+    };
+
+    let ledger = &shared.ledger;
+    let telemetry = &config.telemetry;
+    let deadline = match config.in_progress {
+        InProgress::Wait { timeout } => Some(Instant::now() + timeout),
+        _ => None,
+    };
+    let mut waited = false;
+    loop {
+        let claim = ClaimRequest::new(
+            ledger_key,
+            scope,
+            fingerprint,
+            config.lease,
+            config.retention,
+        );
+        let existing = match telemetry
+            .ledger(ledger.name(), "claim", ledger.claim(&claim))
+            .await
+        {
+            Ok(Claim::Acquired(lease)) => {
+                span.record("operation_id", tracing::field::display(lease.operation_id));
+                if lease.taken_over {
+                    telemetry.takeover();
+                }
+                let request = Request::from_parts(parts, ReqBody::from(body));
+                return execute(shared, inner, request, ledger_key, lease).await;
+            }
+            Ok(Claim::Existing(existing)) => existing,
+            Err(error) => {
+                tracing::warn!(%error, error.source = ?std::error::Error::source(&error), "idempotency ledger claim failed");
+                return match config.ledger_failure {
+                    LedgerFailure::FailOpen => {
+                        let request = Request::from_parts(parts, ReqBody::from(body));
+                        let response = inner.call(request).await?;
+                        Ok(answer(
+                            &shared,
+                            Outcome::LedgerError,
+                            response.map(ResponseBody::stream),
+                        ))
+                    }
+                    LedgerFailure::FailClosed => {
+                        let rejection = Rejection::new(
+                            RejectionKind::LedgerUnavailable,
+                            "the idempotency ledger is unavailable; the request was not processed",
+                        )
+                        .retry_after(config.retry_after_secs());
+                        Ok(reject(&shared, Outcome::LedgerError, rejection))
+                    }
+                };
+            }
+        };
+        span.record(
+            "operation_id",
+            tracing::field::display(existing.operation_id),
+        );
+        if existing.fingerprint != fingerprint {
+            let rejection = Rejection::new(
+                RejectionKind::KeyReused,
+                "this idempotency key was already used with a different request",
+            );
+            return Ok(reject(&shared, Outcome::Mismatch, rejection));
+        }
+        if let RecordState::Completed(stored) = existing.state {
+            let outcome = if waited {
+                Outcome::Waited
+            } else {
+                Outcome::Replayed
+            };
+            return Ok(answer(&shared, outcome, replay(stored)));
+        }
+        let in_progress = || {
+            Rejection::new(
+                RejectionKind::InProgress,
+                "a request with this idempotency key is still being processed",
+            )
+            .retry_after(config.retry_after_secs())
+            .operation(existing.operation_id, None)
+        };
+        match (config.in_progress, deadline) {
+            (InProgress::Accepted, _) => {
+                let location = format!("{}/{}", config.operation_path, existing.operation_id);
+                let rejection = Rejection::new(
+                    RejectionKind::Accepted,
+                    "the request is being processed; poll the Location for its result",
+                )
+                .retry_after(config.retry_after_secs())
+                .operation(existing.operation_id, Some(location));
+                return Ok(reject(&shared, Outcome::Accepted, rejection));
+            }
+            (InProgress::Wait { .. }, Some(deadline)) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Ok(reject(&shared, Outcome::Conflict, in_progress()));
+                }
+                waited = true;
+                telemetry
+                    .ledger(
+                        ledger.name(),
+                        "wait",
+                        ledger.wait_for_change(&ledger_key, deadline - now),
+                    )
+                    .await;
+            }
+            _ => return Ok(reject(&shared, Outcome::Conflict, in_progress())),
+        }
+    }
+}
+
+/// Runs the handler in a task of its own, so that a client disconnect (which drops this future)
+/// cannot stop it between its side effects and the record of them.
+async fn execute<S, L, ReqBody, ResBody>(
+    shared: Arc<Shared<L>>,
+    inner: S,
+    request: Request<ReqBody>,
+    key: LedgerKey,
+    lease: Lease,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    L: Ledger,
+    ReqBody: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let task = tokio::spawn(
+        run_handler(shared.clone(), inner, request, key, lease.token).in_current_span(),
+    );
+    let response = match task.await {
+        Ok(result) => result?,
+        // Panics are caught inside the task; this is the runtime shutting down under it.
+        Err(error) => {
+            tracing::error!(%error, "the idempotent handler's task did not finish");
+            handler_failed(&shared)
+        }
+    };
+    Ok(answer(&shared, Outcome::Executed, response))
+}
+
+fn handler_failed<B>(shared: &Shared<impl Ledger>) -> Response<ResponseBody<B>> {
+    let rejection = Rejection::new(
+        RejectionKind::HandlerFailed,
+        "the request failed; it was not recorded, so it may be retried with the same key",
+    );
+    render(&*shared.config.responder, &rejection).map(ResponseBody::full)
+}
+
+/// What reading the handler's response body for storage gave.
+enum Collected<B> {
+    /// The whole body, within the store limit.
+    Full(Bytes),
+    /// Over the store limit: what was read, and the rest, still to stream.
+    Over(Bytes, Pin<Box<B>>),
+    /// The body failed.
+    Failed(BoxError),
+}
+
+async fn collect<B>(body: B, limit: usize) -> Collected<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let mut body = Box::pin(body);
+    // Most handler bodies are one frame: keep it as it is, with no copy.
+    let mut first: Option<Bytes> = None;
+    let mut buffer = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => {
+                return Collected::Full(match first {
+                    Some(only) if buffer.is_empty() => only,
+                    _ => buffer.freeze(),
+                });
+            }
+            Some(Err(error)) => return Collected::Failed(error.into()),
+            Some(Ok(frame)) => {
+                // Trailers are not stored and not forwarded for a buffered response.
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                let seen = first.as_ref().map_or(0, Bytes::len) + buffer.len() + data.len();
+                if first.is_none() && buffer.is_empty() {
+                    first = Some(data);
+                } else {
+                    if let Some(only) = first.take() {
+                        buffer.extend_from_slice(&only);
+                    }
+                    buffer.extend_from_slice(&data);
+                }
+                if seen > limit {
+                    let read = match first.take() {
+                        Some(only) => only,
+                        None => buffer.freeze(),
+                    };
+                    return Collected::Over(read, body);
+                }
+            }
+        }
+    }
+}
+
+async fn run_handler<S, L, ReqBody, ResBody>(
+    shared: Arc<Shared<L>>,
+    mut inner: S,
+    request: Request<ReqBody>,
+    key: LedgerKey,
+    token: FencingToken,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    L: Ledger,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let store_limit = config.store_limit;
+    let handler = AssertUnwindSafe(async move {
+        let (parts, body) = inner.call(request).await?.into_parts();
+        Ok::<_, S::Error>((parts, collect(body, store_limit).await))
+    })
+    .catch_unwind();
+    let outcome = renewing(&shared, &key, token, handler).await;
+
+    let (parts, collected) = match outcome {
+        Ok(Ok(response)) => response,
+        Ok(Err(error)) => {
+            release(&shared, &key, token).await;
+            return Err(error);
+        }
+        Err(_panic) => {
+            tracing::error!("the idempotent handler panicked; releasing its key");
+            release(&shared, &key, token).await;
+            return Ok(handler_failed(&shared));
+        }
+    };
+    let store = config.should_store(parts.status);
+    match collected {
+        Collected::Full(body) => {
+            if store {
+                complete(
+                    &shared,
+                    &key,
+                    token,
+                    to_stored(&parts, body.clone(), false, &config.deny_headers),
+                )
+                .await;
+            } else {
+                release(&shared, &key, token).await;
+            }
+            Ok(Response::from_parts(parts, ResponseBody::full(body)))
+        }
+        Collected::Over(read, rest) => {
+            if store {
+                complete(
+                    &shared,
+                    &key,
+                    token,
+                    to_stored(&parts, Bytes::new(), true, &config.deny_headers),
+                )
+                .await;
+            } else {
+                release(&shared, &key, token).await;
+            }
+            Ok(Response::from_parts(
+                parts,
+                ResponseBody::over_limit(read, rest),
+            ))
+        }
+        Collected::Failed(error) => {
+            tracing::error!(%error, "the idempotent handler's response body failed; releasing its key");
+            release(&shared, &key, token).await;
+            Ok(handler_failed(&shared))
+        }
+    }
+}
+
+/// Drives `handler` while renewing the lease every third of its length, concurrently, so a slow
+/// handler keeps its key and a slow ledger does not stall the handler.
+async fn renewing<L: Ledger, F: Future>(
+    shared: &Shared<L>,
+    key: &LedgerKey,
+    token: FencingToken,
+    handler: F,
+) -> F::Output {
+    let (ledger, config) = (&shared.ledger, &shared.config);
+    let period = config.lease / 3;
+    let renewals = async {
+        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match config
+                .telemetry
+                .ledger(
+                    ledger.name(),
+                    "renew",
+                    ledger.renew(key, token, config.lease),
+                )
+                .await
+            {
+                Ok(()) => {}
+                Err(LedgerError::LeaseLost) => {
+                    tracing::warn!(
+                        "the lease was taken over while the handler ran; its result will not be stored"
+                    );
+                    return std::future::pending().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "renewing the idempotency lease failed; retrying")
+                }
+            }
+        }
+    };
+    tokio::select! {
+        output = handler => output,
+        never = renewals => never,
+    }
+}
+
+async fn complete<L: Ledger>(
+    shared: &Shared<L>,
+    key: &LedgerKey,
+    token: FencingToken,
+    stored: tower_idempotency_core::StoredResponse,
+) {
+    let (ledger, config) = (&shared.ledger, &shared.config);
+    let bytes = stored.stored_len();
+    let mut backoff = Duration::from_millis(50);
+    for attempt in 1..=3 {
+        match config
+            .telemetry
+            .ledger(
+                ledger.name(),
+                "complete",
+                ledger.complete(key, token, &stored, config.retention),
+            )
+            .await
+        {
+            Ok(()) => {
+                config.telemetry.stored(bytes);
+                return;
+            }
+            Err(LedgerError::LeaseLost) => {
+                tracing::warn!(
+                    "the lease was taken over before the response was stored; the newer holder's result stands"
+                );
+                return;
+            }
+            Err(error) if attempt < 3 => {
+                tracing::warn!(%error, attempt, "storing the idempotent response failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(error) => {
+                tracing::error!(%error, "storing the idempotent response failed; the key stays in progress until its lease expires");
+            }
+        }
+    }
+}
+
+async fn release<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, token: FencingToken) {
+    let (ledger, telemetry) = (&shared.ledger, &shared.config.telemetry);
+    match telemetry
+        .ledger(ledger.name(), "release", ledger.release(key, token))
+        .await
+    {
+        Ok(()) | Err(LedgerError::LeaseLost) => {}
+        Err(error) => {
+            tracing::warn!(%error, "releasing the idempotency key failed; it frees itself when the lease expires")
+        }
+    }
+}

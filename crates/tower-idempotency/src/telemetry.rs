@@ -1,0 +1,118 @@
+//! Spans and OpenTelemetry metrics.
+//!
+//! Spans (with `tracing`; export them to OpenTelemetry with `tracing-opentelemetry`):
+//! - `idempotency`, one per covered request: `outcome`, `key` (the first 16 hex digits of the
+//!   ledger key digest, never the raw key), `operation_id`, `ledger`, `lease_ms`, `takeover`.
+//! - `idempotency.ledger`, one per ledger call, a child of the request span: `operation`
+//!   (`claim`, `complete`, `release`, `renew`, `wait`, `lookup`) and `ledger`.
+//!
+//! Metrics (OpenTelemetry; no key or digest is ever a label):
+//! - `idempotency.outcomes` (counter), by `outcome`.
+//! - `idempotency.ledger.duration` (histogram, seconds), by `operation` and `ledger`.
+//! - `idempotency.lease.takeovers` (counter): claims that took over an expired lease.
+//! - `idempotency.stored.bytes` (histogram, bytes): the size of each stored response.
+
+use std::{future::Future, sync::OnceLock, time::Instant};
+
+use opentelemetry::{
+    KeyValue,
+    metrics::{Counter, Histogram, Meter},
+};
+use tracing::Instrument;
+
+use crate::Outcome;
+
+pub(crate) struct Telemetry {
+    meter: Option<Meter>,
+    metrics: OnceLock<Metrics>,
+}
+
+struct Metrics {
+    outcomes: Counter<u64>,
+    ledger_duration: Histogram<f64>,
+    takeovers: Counter<u64>,
+    stored_bytes: Histogram<u64>,
+}
+
+impl Telemetry {
+    /// Metrics through the global meter provider, looked up at the first request so that an app
+    /// may install its provider after building the layer.
+    pub(crate) fn global() -> Self {
+        Self {
+            meter: None,
+            metrics: OnceLock::new(),
+        }
+    }
+
+    pub(crate) fn with_meter(meter: Meter) -> Self {
+        Self {
+            meter: Some(meter),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    fn metrics(&self) -> &Metrics {
+        self.metrics.get_or_init(|| {
+            let meter = self
+                .meter
+                .clone()
+                .unwrap_or_else(|| opentelemetry::global::meter("tower-idempotency"));
+            Metrics {
+                outcomes: meter
+                    .u64_counter("idempotency.outcomes")
+                    .with_description("Covered requests, by what the idempotency layer did")
+                    .build(),
+                ledger_duration: meter
+                    .f64_histogram("idempotency.ledger.duration")
+                    .with_unit("s")
+                    .with_description("Ledger call latency, by operation")
+                    .build(),
+                takeovers: meter
+                    .u64_counter("idempotency.lease.takeovers")
+                    .with_description("Claims that took over an expired lease")
+                    .build(),
+                stored_bytes: meter
+                    .u64_histogram("idempotency.stored.bytes")
+                    .with_unit("By")
+                    .with_description("Size of each stored response")
+                    .build(),
+            }
+        })
+    }
+
+    pub(crate) fn outcome(&self, outcome: Outcome) {
+        tracing::Span::current().record("outcome", outcome.as_str());
+        self.metrics()
+            .outcomes
+            .add(1, &[KeyValue::new("outcome", outcome.as_str())]);
+    }
+
+    pub(crate) fn takeover(&self) {
+        tracing::Span::current().record("takeover", true);
+        self.metrics().takeovers.add(1, &[]);
+    }
+
+    pub(crate) fn stored(&self, bytes: usize) {
+        self.metrics().stored_bytes.record(bytes as u64, &[]);
+    }
+
+    /// Runs one ledger call in its own span and records its latency.
+    pub(crate) async fn ledger<T>(
+        &self,
+        ledger: &'static str,
+        operation: &'static str,
+        call: impl Future<Output = T>,
+    ) -> T {
+        let span = tracing::info_span!("idempotency.ledger", operation, ledger);
+        let started = Instant::now();
+        let result = call.instrument(span).await;
+        self.metrics().ledger_duration.record(
+            started.elapsed().as_secs_f64(),
+            &[
+                KeyValue::new("operation", operation),
+                KeyValue::new("ledger", ledger),
+            ],
+        );
+        result
+    }
+}
