@@ -1,0 +1,3 @@
+//! PostgreSQL ledger benchmark (being written).
+
+fn main() {}

@@ -1,0 +1,143 @@
+//! Turning stored columns back into records, without trusting them: anything malformed is
+//! [`LedgerError::Corrupt`], never a panic.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use tower_idempotency_core::{
+    Fingerprint, LedgerError, OperationStatus, RecordState, StoredResponse,
+};
+
+pub(crate) const IN_PROGRESS: &str = "in_progress";
+pub(crate) const COMPLETED: &str = "completed";
+
+/// The columns of a record that a claim or a lookup reads back.
+pub(crate) struct StoredColumns {
+    pub(crate) state: String,
+    pub(crate) status: Option<i64>,
+    pub(crate) headers: Option<Vec<u8>>,
+    pub(crate) body: Option<Vec<u8>>,
+    pub(crate) body_omitted: bool,
+}
+
+impl StoredColumns {
+    pub(crate) fn into_state(self) -> Result<RecordState, LedgerError> {
+        match self.state.as_str() {
+            IN_PROGRESS => Ok(RecordState::InProgress),
+            COMPLETED => Ok(RecordState::Completed(self.into_response()?)),
+            other => Err(LedgerError::corrupt(format!(
+                "unknown record state {other:?}"
+            ))),
+        }
+    }
+
+    pub(crate) fn into_operation(self) -> Result<OperationStatus, LedgerError> {
+        Ok(match self.into_state()? {
+            RecordState::InProgress => OperationStatus::InProgress,
+            RecordState::Completed(response) => OperationStatus::Completed(response),
+        })
+    }
+
+    fn into_response(self) -> Result<StoredResponse, LedgerError> {
+        let status = self
+            .status
+            .ok_or_else(|| LedgerError::corrupt("a completed record has no status"))?;
+        let status = u16::try_from(status)
+            .ok()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .ok_or_else(|| LedgerError::corrupt(format!("stored status {status} is invalid")))?;
+        let headers = StoredResponse::decode_headers(self.headers.as_deref().unwrap_or_default())?;
+        Ok(StoredResponse {
+            status,
+            headers,
+            body: Bytes::from(self.body.unwrap_or_default()),
+            body_omitted: self.body_omitted,
+        })
+    }
+}
+
+/// A stored fingerprint: exactly 32 bytes.
+pub(crate) fn fingerprint(bytes: &[u8]) -> Result<Fingerprint, LedgerError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(Fingerprint::from_bytes)
+        .map_err(|_| {
+            LedgerError::corrupt(format!(
+                "stored fingerprint is {} bytes, not 32",
+                bytes.len()
+            ))
+        })
+}
+
+/// A value that did not decode as its column's type is a corrupt record; every other failure is
+/// the backend's.
+pub(crate) fn error(error: sqlx::Error) -> LedgerError {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            LedgerError::corrupt(error.to_string())
+        }
+        other => LedgerError::backend(other),
+    }
+}
+
+/// A duration in whole milliseconds, capped at about 100 years so that adding it to a timestamp
+/// cannot overflow in either database.
+pub(crate) fn millis(duration: Duration) -> i64 {
+    const CAP: i64 = 100 * 366 * 24 * 3600 * 1000;
+    i64::try_from(duration.as_millis()).map_or(CAP, |ms| ms.min(CAP))
+}
+
+/// No row written means the token is not (or no longer) the holder's.
+pub(crate) fn fenced(rows: u64) -> Result<(), LedgerError> {
+    if rows == 0 {
+        Err(LedgerError::LeaseLost)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn completed(status: Option<i64>, headers: Option<Vec<u8>>) -> StoredColumns {
+        StoredColumns {
+            state: COMPLETED.to_owned(),
+            status,
+            headers,
+            body: None,
+            body_omitted: false,
+        }
+    }
+
+    #[test]
+    fn malformed_columns_are_corrupt() {
+        for columns in [
+            completed(None, None),
+            completed(Some(1000), None),
+            completed(Some(-1), None),
+            completed(Some(70_000), None),
+            completed(Some(200), Some(vec![0, 9, b'x'])),
+            StoredColumns {
+                state: "done".to_owned(),
+                ..completed(Some(200), None)
+            },
+        ] {
+            assert!(matches!(
+                columns.into_state(),
+                Err(LedgerError::Corrupt { .. })
+            ));
+        }
+        assert!(matches!(
+            fingerprint(&[0; 31]),
+            Err(LedgerError::Corrupt { .. })
+        ));
+        assert!(completed(Some(200), None).into_state().is_ok());
+    }
+
+    #[test]
+    fn millis_saturates() {
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+        assert!(millis(Duration::MAX) > 0);
+    }
+}

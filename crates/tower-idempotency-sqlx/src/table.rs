@@ -1,0 +1,148 @@
+//! Table names: validation, quoting, and the names derived from them.
+
+/// Why a ledger setting was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The table name is not `[a-z_][a-z0-9_]{0,62}` (for PostgreSQL, optionally
+    /// `schema.table` with each part so).
+    #[error(
+        "invalid table name {name:?}: expected [a-z_][a-z0-9_]{{0,62}}{}",
+        if *.schema_allowed { ", optionally schema-qualified" } else { "" }
+    )]
+    InvalidTableName {
+        /// The name that was refused.
+        name: String,
+        /// Whether a `schema.table` name would have been accepted.
+        schema_allowed: bool,
+    },
+}
+
+/// The table name used by `new`: `idempotency_records`.
+pub const DEFAULT_TABLE: &str = "idempotency_records";
+
+/// A validated table name, optionally schema-qualified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TableName {
+    schema: Option<String>,
+    name: String,
+}
+
+fn is_identifier(part: &str) -> bool {
+    let bytes = part.as_bytes();
+    matches!(bytes.first(), Some(b'a'..=b'z' | b'_'))
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_'))
+}
+
+impl TableName {
+    pub(crate) fn parse(name: &str, schema_allowed: bool) -> Result<Self, ConfigError> {
+        let invalid = || ConfigError::InvalidTableName {
+            name: name.to_owned(),
+            schema_allowed,
+        };
+        let (schema, table) = match name.split_once('.') {
+            Some((schema, table)) if schema_allowed => (Some(schema), table),
+            Some(_) => return Err(invalid()),
+            None => (None, name),
+        };
+        if !is_identifier(table) || schema.is_some_and(|s| !is_identifier(s)) {
+            return Err(invalid());
+        }
+        Ok(Self {
+            schema: schema.map(str::to_owned),
+            name: table.to_owned(),
+        })
+    }
+
+    pub(crate) fn default_name() -> Self {
+        Self {
+            schema: None,
+            name: DEFAULT_TABLE.to_owned(),
+        }
+    }
+
+    /// The name as given: `table` or `schema.table`.
+    pub(crate) fn display(&self) -> String {
+        match &self.schema {
+            Some(schema) => format!("{schema}.{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// The name quoted for SQL. Validation already rules out anything that needs escaping; the
+    /// quotes let reserved words such as `order` be table names.
+    pub(crate) fn quoted(&self) -> String {
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"{}\"", self.name),
+            None => format!("\"{}\"", self.name),
+        }
+    }
+
+    /// A name derived from the table's own (unqualified) name, at most 63 bytes (PostgreSQL's
+    /// limit, past which it would silently truncate and make two derived names collide).
+    pub(crate) fn derived(&self, suffix: &str) -> String {
+        let keep = self.name.len().min(63 - suffix.len());
+        format!("{}{suffix}", &self.name[..keep])
+    }
+}
+
+/// Fills the `{{table}}`, `{{operation_index}}` and `{{expires_index}}` placeholders of a shipped
+/// migration.
+pub(crate) fn render_migration(sql: &str, table: &TableName) -> String {
+    sql.replace("{{table}}", &table.quoted())
+        .replace(
+            "{{operation_index}}",
+            &format!("\"{}\"", table.derived("_operation_id")),
+        )
+        .replace(
+            "{{expires_index}}",
+            &format!("\"{}\"", table.derived("_expires_at")),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_and_rejects_names() {
+        for good in ["a", "_", "idempotency_records", "t1", &"a".repeat(63)] {
+            assert!(TableName::parse(good, false).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "1a",
+            "A",
+            "a-b",
+            "a b",
+            "a;drop",
+            "\"a\"",
+            "é",
+            &"a".repeat(64),
+            "s.t",
+        ] {
+            assert!(TableName::parse(bad, false).is_err(), "{bad}");
+        }
+        assert_eq!(
+            TableName::parse("billing.records", true)
+                .expect("a schema-qualified name")
+                .quoted(),
+            "\"billing\".\"records\""
+        );
+        for bad in ["s.", ".t", "s.t.u", "S.t", "s.T"] {
+            assert!(TableName::parse(bad, true).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn derived_names_fit_and_differ() {
+        let long = TableName::parse(&"a".repeat(63), false).expect("valid");
+        let op = long.derived("_operation_id");
+        let exp = long.derived("_expires_at");
+        assert!(op.len() <= 63 && exp.len() <= 63);
+        assert_ne!(op, exp);
+    }
+}

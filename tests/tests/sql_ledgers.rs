@@ -1,0 +1,392 @@
+//! Ledger-level tests of the SQL ledgers beyond the conformance suite: corrupt rows, table names,
+//! an unreachable database, many app instances on one table, and `LISTEN`/`NOTIFY`.
+
+mod common;
+
+use std::{error::Error as _, sync::Arc, time::Duration};
+
+use tokio::sync::Barrier;
+use tower_idempotency_core::{
+    Claim, ClaimRequest, Fingerprint, IdempotencyKey, Ledger, LedgerError, LedgerKey, RecordState,
+    ScopeDigest, conformance::sample_response,
+};
+use tower_idempotency_sqlx::{
+    ConfigError, PostgresLedger, SqliteLedger,
+    sqlx::{self, AssertSqlSafe, PgPool, SqlitePool, postgres::PgListener},
+};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn request(key: &str, body: &str) -> ClaimRequest {
+    let parsed = IdempotencyKey::parse(key.as_bytes()).expect("a valid key");
+    ClaimRequest::new(
+        LedgerKey::new(b"scope", &parsed),
+        ScopeDigest::new(b"scope"),
+        Fingerprint::of(body.as_bytes()),
+        LONG,
+        Duration::from_secs(3600),
+    )
+}
+
+/// Claims and completes `key`, returning its request.
+async fn completed<L: Ledger>(ledger: &L, key: &str) -> ClaimRequest {
+    let first = request(key, "body");
+    let Claim::Acquired(lease) = ledger.claim(&first).await.expect("claim") else {
+        panic!("a fresh key is acquired")
+    };
+    ledger
+        .complete(&first.key, lease.token, &sample_response(b"ok"), LONG)
+        .await
+        .expect("complete");
+    first
+}
+
+fn assert_corrupt<T: std::fmt::Debug>(result: Result<T, LedgerError>, what: &str) {
+    match result {
+        Err(LedgerError::Corrupt { .. }) => {}
+        other => panic!("{what}: expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn with_table_rejects_bad_names() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let _guard = rt.enter();
+    let sqlite = SqliteLedger::new(SqlitePool::connect_lazy("sqlite::memory:").expect("a pool"));
+    let postgres = PostgresLedger::new(
+        PgPool::connect_lazy("postgres://nobody@127.0.0.1:1/none").expect("a lazy pool"),
+    );
+    for bad in [
+        "",
+        "Records",
+        "1records",
+        "records-v2",
+        "records; DROP TABLE users",
+        "\"records\"",
+        "récords",
+        &"r".repeat(64),
+        "a.b.c",
+        ".records",
+    ] {
+        assert!(
+            matches!(
+                sqlite.clone().with_table(bad),
+                Err(ConfigError::InvalidTableName { .. })
+            ),
+            "SQLite accepted {bad:?}"
+        );
+        assert!(
+            postgres.clone().with_table(bad).is_err(),
+            "PostgreSQL accepted {bad:?}"
+        );
+    }
+    // A schema is a PostgreSQL notion.
+    assert!(sqlite.clone().with_table("billing.records").is_err());
+    let qualified = postgres
+        .with_table("billing.records")
+        .expect("a schema-qualified name");
+    assert_eq!(qualified.table(), "billing.records");
+    for good in ["records", "_r", "order", &"r".repeat(63)] {
+        assert_eq!(
+            sqlite
+                .clone()
+                .with_table(good)
+                .expect("a valid name")
+                .table(),
+            good
+        );
+    }
+}
+
+#[tokio::test]
+async fn sqlite_corrupt_rows_are_errors_not_panics() {
+    let ledger = common::sqlite_file_ledger().await;
+    let corruptions = [
+        (
+            "status",
+            "UPDATE idempotency_records SET status = 1000 WHERE key = ?1",
+        ),
+        (
+            "status type",
+            "UPDATE idempotency_records SET status = 'abc' WHERE key = ?1",
+        ),
+        (
+            "headers",
+            "UPDATE idempotency_records SET headers = x'0009ff' WHERE key = ?1",
+        ),
+        (
+            "fingerprint",
+            "UPDATE idempotency_records SET fingerprint = x'00' WHERE key = ?1",
+        ),
+        (
+            "operation id",
+            "UPDATE idempotency_records SET operation_id = x'01' WHERE key = ?1",
+        ),
+    ];
+    for (i, (what, sql)) in corruptions.into_iter().enumerate() {
+        let first = completed(&ledger, &format!("k{i}")).await;
+        sqlx::query(sql)
+            .bind(&first.key.as_bytes()[..])
+            .execute(ledger.pool())
+            .await
+            .expect("corrupt the row");
+        assert_corrupt(ledger.claim(&request(&format!("k{i}"), "body")).await, what);
+    }
+    let first = completed(&ledger, "lookup").await;
+    let Claim::Existing(existing) = ledger.claim(&first).await.expect("claim") else {
+        panic!("completed")
+    };
+    sqlx::query("UPDATE idempotency_records SET headers = x'00' WHERE key = ?1")
+        .bind(&first.key.as_bytes()[..])
+        .execute(ledger.pool())
+        .await
+        .expect("corrupt the row");
+    assert_corrupt(
+        ledger.operation(&first.scope, existing.operation_id).await,
+        "operation lookup",
+    );
+}
+
+#[tokio::test]
+async fn sqlite_memory_database_is_shared_by_the_pool() {
+    let ledger = common::sqlite_memory_ledger().await;
+    completed(&ledger, "k").await;
+    // A clone, and any later connection of the pool, sees the same database.
+    let clone = ledger.clone();
+    let Claim::Existing(existing) = clone.claim(&request("k", "body")).await.expect("claim") else {
+        panic!("the record is visible through the clone")
+    };
+    assert_eq!(
+        existing.state,
+        RecordState::Completed(sample_response(b"ok"))
+    );
+    // And migrating again is harmless.
+    ledger.migrate().await.expect("migrate twice");
+}
+
+#[tokio::test]
+async fn postgres_corrupt_rows_are_errors_not_panics() {
+    let Some(table) = common::PgTable::create().await else {
+        return;
+    };
+    let ledger = &table.ledger;
+    let corruptions = [
+        ("status", "SET status = 1000"),
+        ("negative status", "SET status = -5"),
+        ("headers", "SET headers = '\\x0009ff'::bytea"),
+        ("fingerprint", "SET fingerprint = '\\x00'::bytea"),
+        ("completed without status", "SET status = NULL"),
+    ];
+    for (i, (what, set)) in corruptions.into_iter().enumerate() {
+        let first = completed(ledger, &format!("k{i}")).await;
+        sqlx::query(AssertSqlSafe(format!(
+            "UPDATE \"{}\" {set} WHERE key = $1",
+            table.name
+        )))
+        .bind(&first.key.as_bytes()[..])
+        .execute(ledger.pool())
+        .await
+        .expect("corrupt the row");
+        assert_corrupt(ledger.claim(&request(&format!("k{i}"), "body")).await, what);
+    }
+    let first = completed(ledger, "lookup").await;
+    let Claim::Existing(existing) = ledger.claim(&first).await.expect("claim") else {
+        panic!("completed")
+    };
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE \"{}\" SET headers = '\\x00'::bytea WHERE key = $1",
+        table.name
+    )))
+    .bind(&first.key.as_bytes()[..])
+    .execute(ledger.pool())
+    .await
+    .expect("corrupt the row");
+    assert_corrupt(
+        ledger.operation(&first.scope, existing.operation_id).await,
+        "operation lookup",
+    );
+    table.drop().await;
+}
+
+#[tokio::test]
+async fn postgres_unreachable_is_a_backend_error() {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/test")
+        .expect("a lazy pool");
+    let ledger = PostgresLedger::new(pool);
+    // Bounded so that a hang fails the test instead of stalling the run.
+    let result = tokio::time::timeout(Duration::from_secs(30), ledger.claim(&request("k", "b")))
+        .await
+        .expect("an unreachable database fails fast");
+    match result {
+        Err(error @ LedgerError::Backend(_)) => {
+            let source = error
+                .source()
+                .expect("the sqlx error is kept as the source");
+            assert!(source.downcast_ref::<sqlx::Error>().is_some(), "{source:?}");
+        }
+        other => panic!("expected a backend error, got {other:?}"),
+    }
+    assert!(matches!(
+        ledger.purge_expired(10).await,
+        Err(LedgerError::Backend(_))
+    ));
+    // A waiter without a database returns (having nothing to wait on) rather than hang.
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        ledger.wait_for_change(&request("k", "b").key, Duration::from_secs(1)),
+    )
+    .await
+    .expect("wait_for_change returns");
+}
+
+/// Two app instances (two pools, two ledgers) on one table: 200 keys, each claimed by 8 racing
+/// tasks spread across both, give exactly 200 winners, one per key.
+#[test]
+fn postgres_two_pools_one_winner_per_key() {
+    tower_idempotency_core::conformance::run(async {
+        let Some(table) = common::PgTable::create().await else {
+            return;
+        };
+        let other = PostgresLedger::new(common::pg_pool(&table.url).await)
+            .with_table(&table.name)
+            .expect("the same table");
+        let ledgers = [table.ledger.clone(), other.clone()];
+        const KEYS: usize = 200;
+        const CLAIMERS: usize = 8;
+        let barrier = Arc::new(Barrier::new(KEYS * CLAIMERS));
+        let mut tasks = Vec::new();
+        for key in 0..KEYS {
+            for claimer in 0..CLAIMERS {
+                let ledger = ledgers[claimer % 2].clone();
+                let barrier = barrier.clone();
+                tasks.push(tokio::spawn(async move {
+                    let request = request(&format!("key-{key}"), "body");
+                    barrier.wait().await;
+                    (key, ledger.claim(&request).await.expect("claim"))
+                }));
+            }
+        }
+        let mut winners = [0usize; KEYS];
+        for task in tasks {
+            match task.await.expect("task panicked") {
+                (key, Claim::Acquired(_)) => winners[key] += 1,
+                (_, Claim::Existing(existing)) => {
+                    assert_eq!(existing.state, RecordState::InProgress)
+                }
+            }
+        }
+        assert_eq!(
+            winners.iter().sum::<usize>(),
+            KEYS,
+            "exactly {KEYS} acquired"
+        );
+        assert!(winners.iter().all(|&w| w == 1), "one winner per key");
+        other.pool().close().await;
+        table.drop().await;
+    });
+}
+
+/// Completion and release each send the key's hex digest on the table's channel, and a waiter
+/// on another pool (another app instance) wakes and sees the completion.
+#[test]
+fn postgres_notify_wakes_waiters_on_another_pool() {
+    tower_idempotency_core::conformance::run(async {
+        let Some(table) = common::PgTable::create().await else {
+            return;
+        };
+        let mut listener = PgListener::connect(&table.url).await.expect("listen");
+        listener
+            .listen(table.ledger.channel())
+            .await
+            .expect("LISTEN");
+        let hex = |key: &LedgerKey| {
+            key.as_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+
+        let released = request("released", "body");
+        let Claim::Acquired(lease) = table.ledger.claim(&released).await.expect("claim") else {
+            panic!("acquired")
+        };
+        table
+            .ledger
+            .release(&released.key, lease.token)
+            .await
+            .expect("release");
+        let note = listener.recv().await.expect("a notification");
+        assert_eq!(note.payload(), hex(&released.key));
+
+        let other = PostgresLedger::new(common::pg_pool(&table.url).await)
+            .with_table(&table.name)
+            .expect("the same table");
+        let first = request("k", "body");
+        let Claim::Acquired(lease) = table.ledger.claim(&first).await.expect("claim") else {
+            panic!("acquired")
+        };
+        let waiter = {
+            let other = other.clone();
+            tokio::spawn(async move {
+                loop {
+                    other
+                        .wait_for_change(&request("k", "body").key, Duration::from_secs(60))
+                        .await;
+                    if let Claim::Existing(e) =
+                        other.claim(&request("k", "body")).await.expect("claim")
+                        && let RecordState::Completed(response) = e.state
+                    {
+                        return response;
+                    }
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        table
+            .ledger
+            .complete(&first.key, lease.token, &sample_response(b"done"), LONG)
+            .await
+            .expect("complete");
+        let note = listener.recv().await.expect("a notification");
+        assert_eq!(note.payload(), hex(&first.key));
+        let response = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("the waiter wakes")
+            .expect("the waiter did not panic");
+        assert_eq!(response, sample_response(b"done"));
+        other.pool().close().await;
+        table.drop().await;
+    });
+}
+
+/// A schema-qualified table is created (twice, harmlessly) and used.
+#[tokio::test]
+async fn postgres_schema_qualified_table_migrates_idempotently() {
+    let Some(url) = common::database_url() else {
+        return;
+    };
+    let pool = common::pg_pool(&url).await;
+    let schema = common::unique_name("ti_test_schema");
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+        .execute(&pool)
+        .await
+        .expect("create the schema");
+    let ledger = PostgresLedger::new(pool.clone())
+        .with_table(&format!("{schema}.records"))
+        .expect("a qualified name");
+    let twin = ledger.clone();
+    let (a, b) = tokio::join!(ledger.migrate(), twin.migrate());
+    a.expect("migrate");
+    b.expect("migrate concurrently");
+    ledger.migrate().await.expect("migrate again");
+    completed(&ledger, "k").await;
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
+        .execute(&pool)
+        .await
+        .expect("drop the schema");
+}
