@@ -132,7 +132,7 @@ impl Statements {
                  RETURNING {notify}"
             )),
             renew: sql(format!(
-                "UPDATE {t} SET lease_until = {lease} \
+                "UPDATE {t} SET lease_until = {lease}, expires_at = GREATEST(expires_at, {lease}) \
                  WHERE key = $1 AND token = $2 AND state = '{IN_PROGRESS}' \
                    AND expires_at > now()",
                 lease = from_now(3),

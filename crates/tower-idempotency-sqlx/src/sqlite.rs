@@ -123,7 +123,7 @@ impl Statements {
                  WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > ?3"
             )),
             renew: sql(format!(
-                "UPDATE {t} SET lease_until = ?3 \
+                "UPDATE {t} SET lease_until = ?3, expires_at = MAX(expires_at, ?3) \
                  WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > ?4"
             )),
             operation: sql(format!(
