@@ -284,10 +284,11 @@ pub async fn takeover_requires_same_fingerprint<L: Ledger>(ledger: L) {
     assert_eq!(found.fingerprint, short.fingerprint);
 }
 
-/// Renewing a lease keeps it from being taken over past its first deadline.
+/// Renewing a lease keeps it from being taken over past its first deadline, and keeps the
+/// record alive past its retention (here equal to the lease, the tightest valid setting).
 pub async fn renewal_prevents_takeover<L: Ledger>(ledger: L) {
     let lease_len = Duration::from_millis(1000);
-    let first = request("k", "scope", "body", lease_len, Duration::from_secs(3600));
+    let first = request("k", "scope", "body", lease_len, lease_len);
     let lease = acquire(&ledger, &first).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     ledger

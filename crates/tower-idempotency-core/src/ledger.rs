@@ -68,7 +68,8 @@ impl ClaimRequest {
 ///    token; otherwise they write nothing and return [`LedgerError::LeaseLost`]. A completed
 ///    record is never overwritten.
 /// 4. Lease and retention are separate: the lease bounds how long a crashed holder blocks its
-///    key; retention bounds how long a completed response is replayed.
+///    key; retention bounds how long a completed response is replayed. A live claim never
+///    expires: [`renew`](Self::renew) moves its expiry to at least the new lease deadline.
 /// 5. [`operation`](Self::operation) answers only for the scope that created the record.
 /// 6. Responses round-trip exactly: status, every header value in order, body bytes.
 /// 7. Expired records are treated as absent by `claim` and `operation` even before
@@ -99,7 +100,8 @@ pub trait Ledger: Send + Sync + 'static {
         token: FencingToken,
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
 
-    /// Extends the lease held under `token` to `lease` from now.
+    /// Extends the lease held under `token` to `lease` from now, and the record's expiry to at
+    /// least that deadline (so a handler that outlives retention is not purged or replaced).
     fn renew(
         &self,
         key: &LedgerKey,

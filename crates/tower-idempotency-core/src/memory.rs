@@ -307,10 +307,12 @@ impl Ledger for MemoryLedger {
         self.with_held(key, token, |records, now| {
             if let Some(Entry {
                 state: State::InProgress { lease_until, .. },
+                expires_at,
                 ..
             }) = records.get_mut(key)
             {
                 *lease_until = now + lease;
+                *expires_at = (*expires_at).max(*lease_until);
             }
         })
     }
