@@ -1,1 +1,135 @@
-fn main() {}
+//! `payment-service serve`: the payment API on tower-idempotency.
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use payment_service::{Database, Settings, telemetry};
+use tower_idempotency::InProgress;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "A payment API that cannot charge twice")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the API.
+    Serve(Serve),
+}
+
+/// What a duplicate gets while the first request with its key runs.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Policy {
+    /// 409 with Retry-After.
+    Conflict,
+    /// 202 with the Location of /operations/{id}.
+    Accepted,
+    /// Wait for the first request (up to --wait-timeout-ms), then replay it.
+    Wait,
+}
+
+#[derive(Debug, clap::Args)]
+struct Serve {
+    /// The address to listen on.
+    #[arg(long, env = "PAYMENT_SERVICE_ADDR", default_value = "127.0.0.1:3000")]
+    addr: SocketAddr,
+    /// sqlite://FILE?mode=rwc or postgres://USER@HOST/DB; the ledger and the payments share it.
+    #[arg(long, env = "DATABASE_URL", default_value = payment_service::DEFAULT_DATABASE_URL)]
+    database_url: String,
+    /// How long the simulated processor takes per charge, in milliseconds.
+    #[arg(long, env = "PAYMENT_SERVICE_LATENCY_MS", default_value_t = 50)]
+    latency_ms: u64,
+    /// The share of charges that fail with 503 (0.0 to 1.0); nothing is charged then.
+    #[arg(long, env = "PAYMENT_SERVICE_FAIL_RATE", default_value_t = 0.0)]
+    fail_rate: f64,
+    /// What a duplicate of a request still running gets.
+    #[arg(long, env = "PAYMENT_SERVICE_IN_PROGRESS", value_enum, default_value_t = Policy::Conflict)]
+    in_progress: Policy,
+    /// How long a waiting duplicate waits (with --in-progress wait), in milliseconds.
+    #[arg(long, env = "PAYMENT_SERVICE_WAIT_TIMEOUT_MS", default_value_t = 5000)]
+    wait_timeout_ms: u64,
+    /// The idempotency lease, in milliseconds.
+    #[arg(long, env = "PAYMENT_SERVICE_LEASE_MS", default_value_t = 30_000)]
+    lease_ms: u64,
+    /// Where spans and metrics go.
+    #[arg(long, env = "PAYMENT_SERVICE_OTEL", value_enum, default_value_t = telemetry::Otel::None)]
+    otel: telemetry::Otel,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let Command::Serve(args) = Cli::parse().command;
+    let telemetry = match telemetry::init(args.otel) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("payment-service: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = serve(args).await;
+    if let Err(error) = &result {
+        tracing::error!(%error, "payment-service stopped");
+    }
+    telemetry.shutdown();
+    if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
+    let settings = Settings {
+        latency: Duration::from_millis(args.latency_ms),
+        fail_rate: args.fail_rate,
+        in_progress: match args.in_progress {
+            Policy::Conflict => InProgress::Conflict,
+            Policy::Accepted => InProgress::Accepted,
+            Policy::Wait => InProgress::Wait {
+                timeout: Duration::from_millis(args.wait_timeout_ms),
+            },
+        },
+        lease: Duration::from_millis(args.lease_ms),
+        // The global meter provider, installed by telemetry::init.
+        meter: None,
+    };
+    let database = Database::connect(&args.database_url, None).await?;
+    let router = database.router(&settings)?;
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        database = database.kind(),
+        in_progress = ?settings.in_progress,
+        "payment-service listening on http://{}",
+        listener.local_addr()?
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM: finish the requests in flight, then flush the exporters.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+    tracing::info!("shutting down");
+}

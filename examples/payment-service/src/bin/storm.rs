@@ -1,0 +1,3 @@
+//! `storm`: duplicates, drops and retries against a running payment-service, then an audit.
+
+fn main() {}

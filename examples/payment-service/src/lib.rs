@@ -1,0 +1,111 @@
+//! A payment API that cannot charge twice: [tower-idempotency] in front of a simulated card
+//! processor and a `payments` table, on SQLite (the default, one file) or PostgreSQL.
+//!
+//! ```text
+//! cargo run -p payment-service -- serve              # 127.0.0.1:3000, ./payment-service.db
+//! cargo run -p payment-service --bin storm           # duplicates, drops, retries, then an audit
+//! ```
+//!
+//! The app is a library so that tests build the same router in-process ([`app::app`]) and run
+//! the same storm ([`storm::run`]) as the binaries.
+//!
+//! [tower-idempotency]: https://docs.rs/tower-idempotency
+
+pub mod app;
+pub mod auth;
+pub mod extract;
+pub mod http_trace;
+pub mod problem;
+pub mod processor;
+pub mod store;
+pub mod storm;
+pub mod telemetry;
+
+use axum::Router;
+use tower_idempotency_sqlx::{PostgresLedger, SqliteLedger};
+
+pub use app::{Settings, app};
+pub use store::Store;
+
+/// The default database: a SQLite file in the working directory, created if missing.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://payment-service.db?mode=rwc";
+
+/// The database behind the service: the idempotency ledger and the `payments` table share it.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// SQLite: the ledger and the payments in one file.
+    Sqlite(SqliteLedger),
+    /// PostgreSQL: the ledger and the payments in one database.
+    Postgres(PostgresLedger),
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The database URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
+    #[error("unsupported database URL scheme (use sqlite:// or postgres://)")]
+    UnsupportedUrl,
+    /// Connecting or migrating failed.
+    #[error("database: {0}")]
+    Database(#[from] tower_idempotency_sqlx::sqlx::Error),
+    /// A bad ledger table name.
+    #[error("ledger table: {0}")]
+    Table(#[from] tower_idempotency_sqlx::ConfigError),
+    /// A setting the idempotency layer refuses.
+    #[error("idempotency layer: {0}")]
+    Layer(#[from] tower_idempotency::ConfigError),
+}
+
+impl Database {
+    /// Connects to `url` and creates the ledger's table and the `payments` table if missing.
+    /// `ledger_table` replaces the ledger's default table name (`idempotency_records`).
+    pub async fn connect(url: &str, ledger_table: Option<&str>) -> Result<Self, StartError> {
+        let database = if url.starts_with("sqlite:") {
+            let ledger = SqliteLedger::connect(url).await?;
+            Self::Sqlite(match ledger_table {
+                Some(table) => ledger.with_table(table)?,
+                None => ledger,
+            })
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let ledger = PostgresLedger::connect(url).await?;
+            Self::Postgres(match ledger_table {
+                Some(table) => ledger.with_table(table)?,
+                None => ledger,
+            })
+        } else {
+            return Err(StartError::UnsupportedUrl);
+        };
+        match &database {
+            Self::Sqlite(ledger) => ledger.migrate().await?,
+            Self::Postgres(ledger) => ledger.migrate().await?,
+        }
+        database.store().migrate().await?;
+        Ok(database)
+    }
+
+    /// The `payments` table, on the ledger's pool.
+    pub fn store(&self) -> Store {
+        match self {
+            Self::Sqlite(ledger) => Store::Sqlite(ledger.pool().clone()),
+            Self::Postgres(ledger) => Store::Postgres(ledger.pool().clone()),
+        }
+    }
+
+    /// `"sqlite"` or `"postgres"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Sqlite(_) => "sqlite",
+            Self::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The service's router on this database.
+    pub fn router(&self, settings: &Settings) -> Result<Router, StartError> {
+        let store = self.store();
+        Ok(match self {
+            Self::Sqlite(ledger) => app(ledger.clone(), store, settings)?,
+            Self::Postgres(ledger) => app(ledger.clone(), store, settings)?,
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! RFC 9457 problem details for every error the service answers itself.
+//!
+//! The idempotency layer renders its own rejections (400 missing/invalid key, 409, 422, 503...)
+//! in the same format, with `type` URIs under the `tower-idempotency` docs. The service's own
+//! cases have `type` `/problems/{slug}`, a relative reference (RFC 9457 section 3.1.1) to:
+//!
+//! | slug | status | when |
+//! |---|---|---|
+//! | `unauthorized` | 401 | no `Authorization: Bearer <token>`, or a malformed token |
+//! | `malformed-json` | 400 | the body is not JSON (or a number out of range, such as `1e400`) |
+//! | `invalid-payment` | 400 | wrong types, missing or unknown fields, a value out of bounds |
+//! | `invalid-query` | 400 | `GET /payments` without a valid `customer` |
+//! | `unsupported-media-type` | 415 | the body is not declared `application/json` |
+//! | `payment-not-found` | 404 | no payment with this id for this tenant |
+//! | `not-found` | 404 | no such route |
+//! | `method-not-allowed` | 405 | the route exists, the method does not |
+//! | `processor-unavailable` | 503 | the (simulated) processor failed; nothing was charged |
+//! | `internal` | 500 | the database failed |
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+
+/// The media type of every error body.
+pub const CONTENT_TYPE: &str = "application/problem+json";
+
+/// One problem: rendered as `application/problem+json` with `type`, `title`, `status`, `detail`.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    status: StatusCode,
+    slug: &'static str,
+    title: &'static str,
+    detail: String,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    r#type: String,
+    title: &'a str,
+    status: u16,
+    detail: &'a str,
+}
+
+impl Problem {
+    /// A problem with `status`, the `type` `/problems/{slug}`, a fixed `title` and a `detail`
+    /// about this occurrence.
+    pub fn new(
+        status: StatusCode,
+        slug: &'static str,
+        title: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            status,
+            slug,
+            title,
+            detail: detail.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// Adds a response header, such as `WWW-Authenticate` or `Retry-After`.
+    pub fn with_header(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// 401: the request has no usable bearer token.
+    pub fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "Authentication required",
+            detail,
+        )
+        .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
+    }
+
+    /// 400: the payment is not valid.
+    pub fn invalid_payment(detail: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-payment",
+            "The payment is not valid",
+            detail,
+        )
+    }
+
+    /// 404: no such payment for this tenant.
+    pub fn payment_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "payment-not-found",
+            "Payment not found",
+            "no payment with this id exists for this caller",
+        )
+    }
+
+    /// 500: the database failed. The error is logged, not sent.
+    pub fn internal(error: &dyn std::error::Error) -> Self {
+        tracing::error!(%error, "request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error",
+            "the request could not be completed; it is safe to retry with the same key",
+        )
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let body = Body {
+            r#type: format!("/problems/{}", self.slug),
+            title: self.title,
+            status: self.status.as_u16(),
+            detail: &self.detail,
+        };
+        let mut response = (self.status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+        for (name, value) in self.headers {
+            headers.insert(name, value);
+        }
+        response
+    }
+}
+
+/// The fallback for unknown routes: 404 problem+json.
+pub async fn not_found() -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "Not found",
+        "no resource at this path",
+    )
+}
+
+/// The fallback for a known route with another method: 405 problem+json.
+pub async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+        "this resource does not support this method",
+    )
+}
