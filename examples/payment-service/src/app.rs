@@ -95,6 +95,7 @@ pub fn app<L: Ledger>(ledger: L, store: Store, settings: &Settings) -> Result<Ro
         .route("/payments", get(list_payments).post(create_payment))
         .route("/payments/{id}", get(get_payment))
         .layer(layer.clone())
+        .layer(middleware::from_fn(detach))
         .merge(layer.operation_router())
         .layer(middleware::from_fn(auth::authenticate));
     Ok(Router::new()
@@ -104,6 +105,22 @@ pub fn app<L: Ledger>(ledger: L, store: Store, settings: &Settings) -> Result<Ro
         .fallback(crate::problem::not_found)
         .method_not_allowed_fallback(crate::problem::method_not_allowed)
         .layer(middleware::from_fn(http_trace::trace)))
+}
+
+/// Runs the rest of the request in a task of its own, so that a client that goes away cannot
+/// cancel the idempotency layer between its claim and the handler.
+///
+/// The layer spawns the handler once its claim returns, but the claim itself runs in the
+/// request's future: a disconnect while the claim's database round trip is in flight can drop
+/// that future after the claim committed, leaving the key in progress, with no handler, until the
+/// lease runs out (every duplicate gets 409 meanwhile). Detaching closes that window.
+async fn detach(request: axum::extract::Request, next: middleware::Next) -> Response {
+    use tracing::Instrument;
+    let task = tokio::spawn(next.run(request).in_current_span());
+    match task.await {
+        Ok(response) => response,
+        Err(error) => Problem::internal(&error).into_response(),
+    }
 }
 
 async fn create_payment(
