@@ -32,7 +32,8 @@ pub async fn trace(request: Request, next: Next) -> Response {
     );
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status();
-    span.record("http.response.status_code", status.as_u16());
+    // As i64: tracing-opentelemetry exports u64 fields as strings.
+    span.record("http.response.status_code", i64::from(status.as_u16()));
     if status.is_server_error() {
         span.record("otel.status_code", "ERROR");
     }
