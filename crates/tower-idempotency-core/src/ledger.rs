@@ -227,3 +227,44 @@ pub async fn purge_periodically<L: Ledger>(ledger: L, every: Duration, batch: us
         }
     }
 }
+
+/// A ledger that can record a completion inside a transaction the handler also writes in, so
+/// that the handler's database writes and the record of them commit or vanish together
+/// (exactly-once for side effects in the ledger's own database).
+///
+/// The layer, with `with_transactions()`, claims the key as usual (its own autocommitted
+/// statement), then calls [`begin`](Self::begin) and hands the transaction to the handler. After
+/// a response to be stored, it calls [`complete_in`](Self::complete_in); otherwise (a response
+/// not stored, a panic, an error) it calls [`rollback`](Self::rollback) and releases the key.
+///
+/// # The contract
+/// - `complete_in` writes the completion with the same fencing as
+///   [`complete`](Ledger::complete), inside `transaction`, then commits. If the token is no
+///   longer current it writes nothing, rolls the transaction back (the handler's writes vanish
+///   with it) and returns [`LedgerError::LeaseLost`].
+/// - If the commit fails, nothing of the transaction is visible and the key stays in progress.
+/// - A transaction dropped without `complete_in` or `rollback` (a crash, a cancelled task)
+///   leaves nothing behind.
+pub trait TransactionalLedger: Ledger + Clone {
+    /// The transaction handed to the handler, such as `sqlx::Transaction<'static, Postgres>`.
+    type Transaction: Send + 'static;
+
+    /// Opens a transaction in the ledger's database.
+    fn begin(&self) -> impl Future<Output = Result<Self::Transaction, LedgerError>> + Send;
+
+    /// Records `response` for the key held under `token` inside `transaction` and commits it.
+    fn complete_in(
+        &self,
+        transaction: Self::Transaction,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+
+    /// Rolls `transaction` back.
+    fn rollback(
+        &self,
+        transaction: Self::Transaction,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send;
+}

@@ -4,12 +4,13 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderName, Method, StatusCode, request::Parts};
-use tower_idempotency_core::Fingerprint;
+use tower_idempotency_core::{Fingerprint, TransactionalLedger};
 
 use crate::{
     layer::IdempotencyLayer,
     problem::{ProblemJson, Responder},
     telemetry::Telemetry,
+    transaction::{Driver, TxDriver},
 };
 
 /// What a duplicate gets while the first request with its key is still running.
@@ -110,6 +111,7 @@ pub(crate) struct Config {
     pub(crate) operation_path: String,
     pub(crate) responder: Arc<dyn Responder>,
     pub(crate) telemetry: Telemetry,
+    pub(crate) transactions: Option<Arc<dyn TxDriver>>,
 }
 
 impl Config {
@@ -193,6 +195,7 @@ impl fmt::Debug for Config {
             .field("ledger_failure", &self.ledger_failure)
             .field("retry_after", &self.retry_after)
             .field("operation_path", &self.operation_path)
+            .field("transactions", &self.transactions.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -221,6 +224,7 @@ impl<L> IdempotencyLayerBuilder<L> {
                 operation_path: "/operations".to_owned(),
                 responder: Arc::new(ProblemJson),
                 telemetry: Telemetry::global(),
+                transactions: None,
             },
         }
     }
@@ -369,6 +373,26 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     pub(crate) fn into_layer(self) -> IdempotencyLayer<L> {
         IdempotencyLayer::from_parts(self.ledger, self.config)
+    }
+
+    /// Exactly-once mode: after a claim, open a transaction in the ledger's database and hand it
+    /// to the handler as [`LedgerTx`](crate::LedgerTx); the stored response is written in the
+    /// same transaction, fenced by the claim's token, and committed with the handler's writes.
+    /// If the lease was taken over meanwhile, everything rolls back and the caller gets 409 (its
+    /// retry replays the new holder's result); a response that is not stored (5xx), a panic or
+    /// a failed commit rolls back and releases the key. Default: off.
+    ///
+    /// Costs one pooled connection per request in flight for the handler's duration. Side
+    /// effects outside the database (an email, a card network call) are not covered: record
+    /// them in an outbox table in the same transaction and send them from there.
+    pub fn with_transactions(mut self) -> Self
+    where
+        L: TransactionalLedger,
+    {
+        self.config.transactions = Some(Arc::new(Driver {
+            ledger: self.ledger.clone(),
+        }));
+        self
     }
 
     /// Checks every setting and builds the layer.

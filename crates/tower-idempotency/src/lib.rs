@@ -56,6 +56,7 @@ pub mod problem;
 mod response;
 mod service;
 pub mod telemetry;
+mod transaction;
 
 pub use body::ResponseBody;
 pub use config::{
@@ -68,8 +69,9 @@ pub use response::{REPLAY_BODY, REPLAYED};
 pub use service::Idempotency;
 pub use tower_idempotency_core::{
     self as core, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
-    purge_periodically,
+    TransactionalLedger, purge_periodically,
 };
+pub use transaction::{LedgerTx, MissingLedgerTx};
 
 #[doc = include_str!("../../../README.md")]
 #[cfg(doctest)]

@@ -30,6 +30,7 @@ use crate::{
     layer::Shared,
     problem::{Rejection, RejectionKind, render},
     response::{replay, to_stored},
+    transaction::{TxError, TxHandle},
 };
 
 /// The middleware service that [`IdempotencyLayer`](crate::IdempotencyLayer) wraps around a
@@ -264,8 +265,30 @@ where
                 if lease.taken_over {
                     telemetry.takeover();
                 }
+                let mut parts = parts;
+                let transaction = match &config.transactions {
+                    None => None,
+                    Some(driver) => match telemetry
+                        .ledger(ledger.name(), "begin", driver.begin())
+                        .await
+                    {
+                        Ok(handle) => {
+                            handle.expose(&mut parts.extensions);
+                            Some(handle)
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "opening the handler's transaction failed; releasing the key");
+                            release(&shared, &ledger_key, lease.token).await;
+                            return Ok(reject(
+                                &shared,
+                                Outcome::LedgerError,
+                                unavailable(config.retry_after_secs()),
+                            ));
+                        }
+                    },
+                };
                 let request = Request::from_parts(parts, ReqBody::from(body));
-                return execute(shared, inner, request, ledger_key, lease).await;
+                return execute(shared, inner, request, ledger_key, lease, transaction).await;
             }
             Ok(Claim::Existing(existing)) => existing,
             Err(error) => {
@@ -280,14 +303,11 @@ where
                             response.map(ResponseBody::stream),
                         ))
                     }
-                    LedgerFailure::FailClosed => {
-                        let rejection = Rejection::new(
-                            RejectionKind::LedgerUnavailable,
-                            "the idempotency ledger is unavailable; the request was not processed",
-                        )
-                        .retry_after(config.retry_after_secs());
-                        Ok(reject(&shared, Outcome::LedgerError, rejection))
-                    }
+                    LedgerFailure::FailClosed => Ok(reject(
+                        &shared,
+                        Outcome::LedgerError,
+                        unavailable(config.retry_after_secs()),
+                    )),
                 };
             }
         };
@@ -348,6 +368,14 @@ where
     }
 }
 
+fn unavailable(retry_after: u64) -> Rejection {
+    Rejection::new(
+        RejectionKind::LedgerUnavailable,
+        "the idempotency ledger is unavailable; the request was not processed",
+    )
+    .retry_after(retry_after)
+}
+
 /// Runs the handler in a task of its own, so that a client disconnect (which drops this future)
 /// cannot stop it between its side effects and the record of them.
 async fn execute<S, L, ReqBody, ResBody>(
@@ -356,6 +384,7 @@ async fn execute<S, L, ReqBody, ResBody>(
     request: Request<ReqBody>,
     key: LedgerKey,
     lease: Lease,
+    transaction: Option<Box<dyn TxHandle>>,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -367,7 +396,15 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let task = tokio::spawn(
-        run_handler(shared.clone(), inner, request, key, lease.token).in_current_span(),
+        run_handler(
+            shared.clone(),
+            inner,
+            request,
+            key,
+            lease.token,
+            transaction,
+        )
+        .in_current_span(),
     );
     let response = match task.await {
         Ok(result) => result?,
@@ -377,6 +414,10 @@ where
             handler_failed(&shared)
         }
     };
+    if response.extensions().get::<Outcome>().is_some() {
+        // The task already answered for itself (a lease lost in transactional mode).
+        return Ok(response);
+    }
     Ok(answer(&shared, Outcome::Executed, response))
 }
 
@@ -448,6 +489,7 @@ async fn run_handler<S, L, ReqBody, ResBody>(
     request: Request<ReqBody>,
     key: LedgerKey,
     token: FencingToken,
+    transaction: Option<Box<dyn TxHandle>>,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -468,54 +510,88 @@ where
     let (parts, collected) = match outcome {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
-            release(&shared, &key, token).await;
+            abandon(&shared, &key, token, transaction).await;
             return Err(error);
         }
         Err(_panic) => {
             tracing::error!("the idempotent handler panicked; releasing its key");
-            release(&shared, &key, token).await;
+            abandon(&shared, &key, token, transaction).await;
             return Ok(handler_failed(&shared));
         }
     };
-    let store = config.should_store(parts.status);
-    match collected {
-        Collected::Full(body) => {
-            if store {
-                complete(
-                    &shared,
-                    &key,
-                    token,
-                    to_stored(&parts, body.clone(), false, &config.deny_headers),
-                )
-                .await;
-            } else {
-                release(&shared, &key, token).await;
-            }
-            Ok(Response::from_parts(parts, ResponseBody::full(body)))
-        }
-        Collected::Over(read, rest) => {
-            if store {
-                complete(
-                    &shared,
-                    &key,
-                    token,
-                    to_stored(&parts, Bytes::new(), true, &config.deny_headers),
-                )
-                .await;
-            } else {
-                release(&shared, &key, token).await;
-            }
-            Ok(Response::from_parts(
-                parts,
-                ResponseBody::over_limit(read, rest),
-            ))
-        }
+    let (body, stored_body, omitted) = match collected {
+        Collected::Full(body) => (ResponseBody::full(body.clone()), body, false),
+        Collected::Over(read, rest) => (ResponseBody::over_limit(read, rest), Bytes::new(), true),
         Collected::Failed(error) => {
             tracing::error!(%error, "the idempotent handler's response body failed; releasing its key");
+            abandon(&shared, &key, token, transaction).await;
+            return Ok(handler_failed(&shared));
+        }
+    };
+    if !config.should_store(parts.status) {
+        abandon(&shared, &key, token, transaction).await;
+        return Ok(Response::from_parts(parts, body));
+    }
+    let stored = to_stored(&parts, stored_body, omitted, &config.deny_headers);
+    let Some(transaction) = transaction else {
+        complete(&shared, &key, token, stored).await;
+        return Ok(Response::from_parts(parts, body));
+    };
+    let bytes = stored.stored_len();
+    let committed = config
+        .telemetry
+        .ledger(
+            shared.ledger.name(),
+            "complete",
+            transaction.commit(&key, token, &stored, config.retention),
+        )
+        .await;
+    match committed {
+        Ok(()) => {
+            config.telemetry.stored(bytes);
+            Ok(Response::from_parts(parts, body))
+        }
+        Err(TxError::LeaseLost) => {
+            // The handler's writes were rolled back with the transaction, so its response must
+            // not reach the caller: a retry replays the newer holder's result instead.
+            tracing::warn!(
+                "the lease was taken over while the handler ran; its transaction was rolled back"
+            );
+            let rejection = Rejection::new(
+                RejectionKind::InProgress,
+                "this request was taken over by a retry; its writes were rolled back",
+            )
+            .retry_after(config.retry_after_secs());
+            Ok(reject(&shared, Outcome::Conflict, rejection))
+        }
+        Err(TxError::StillHeld) => {
+            tracing::error!("the handler kept its LedgerTx past its return; rolling back");
             release(&shared, &key, token).await;
             Ok(handler_failed(&shared))
         }
+        Err(TxError::Ledger(error)) => {
+            tracing::error!(%error, "committing the handler's transaction failed; nothing was written");
+            release(&shared, &key, token).await;
+            Ok(reject(
+                &shared,
+                Outcome::LedgerError,
+                unavailable(config.retry_after_secs()),
+            ))
+        }
     }
+}
+
+/// The handler's result is not to be kept: roll its transaction back, then release the key.
+async fn abandon<L: Ledger>(
+    shared: &Shared<L>,
+    key: &LedgerKey,
+    token: FencingToken,
+    transaction: Option<Box<dyn TxHandle>>,
+) {
+    if let Some(transaction) = transaction {
+        transaction.rollback().await;
+    }
+    release(shared, key, token).await;
 }
 
 /// Drives `handler` while renewing the lease every third of its length, concurrently, so a slow
