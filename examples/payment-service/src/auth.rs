@@ -50,6 +50,22 @@ impl Tenant {
     }
 }
 
+/// The `key` attribute of the `idempotency` span (and log lines) for a request with `token` and
+/// idempotency key `key`: the first 16 hex digits of the ledger key,
+/// `SHA-256("tower-idempotency/key\0" || u64_be(len(scope)) || scope || key)`, where the scope
+/// is the tenant id. `None` if `key` is not a valid idempotency key.
+///
+/// ```
+/// use payment_service::auth::key_attribute;
+///
+/// assert_eq!(key_attribute("tok_live_alice", "order-42").as_deref(), Some("37ef74113d1c74b4"));
+/// ```
+pub fn key_attribute(token: &str, key: &str) -> Option<String> {
+    let key = tower_idempotency::IdempotencyKey::parse(key.as_bytes()).ok()?;
+    let tenant = Tenant::of_token(token);
+    Some(tower_idempotency::core::LedgerKey::new(tenant.id().as_bytes(), &key).short())
+}
+
 impl fmt::Debug for Tenant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_tuple("Tenant").field(&self.0).finish()

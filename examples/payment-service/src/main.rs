@@ -17,6 +17,14 @@ struct Cli {
 enum Command {
     /// Serve the API.
     Serve(Serve),
+    /// Print the `key` span attribute of a token and an idempotency key, to find its trace.
+    Key {
+        /// The bearer token the request was sent with.
+        #[arg(long, env = "PAYMENT_SERVICE_TOKEN")]
+        token: String,
+        /// The Idempotency-Key header's value.
+        key: String,
+    },
 }
 
 /// What a duplicate gets while the first request with its key runs.
@@ -60,7 +68,21 @@ struct Serve {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let Command::Serve(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Serve(args) => args,
+        Command::Key { token, key } => {
+            return match payment_service::auth::key_attribute(&token, &key) {
+                Some(attribute) => {
+                    println!("{attribute}");
+                    ExitCode::SUCCESS
+                }
+                None => {
+                    eprintln!("payment-service: not a valid idempotency key");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let telemetry = match telemetry::init(args.otel) {
         Ok(telemetry) => telemetry,
         Err(error) => {

@@ -124,7 +124,14 @@ pub fn init(otel: Otel) -> Result<Telemetry, TelemetryError> {
         }
     };
     let otel_layer = tracer.as_ref().map(|provider| {
-        tracing_opentelemetry::layer().with_tracer(provider.tracer("payment-service"))
+        // Only the attributes the spans declare: no code location, thread, target or
+        // busy/idle times.
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("payment-service"))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
     });
     tracing_subscriber::registry()
         .with(logs.and_then(otel_layer).with_filter(filter))
