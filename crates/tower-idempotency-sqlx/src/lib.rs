@@ -1,5 +1,5 @@
 //! SQLite and PostgreSQL ledgers for [tower-idempotency](https://docs.rs/tower-idempotency), on
-//! [sqlx](https://docs.rs/sqlx) (re-exported as [`sqlx`](crate::sqlx)).
+//! [sqlx](https://docs.rs/sqlx) (re-exported as [`sqlx`]).
 //!
 //! | | [`SqliteLedger`] (feature `sqlite`) | [`PostgresLedger`] (feature `postgres`) |
 //! |---|---|---|
@@ -9,7 +9,8 @@
 //!
 //! Both keep one table (default `idempotency_records`, see `with_table`), created by `migrate()`
 //! from the versioned SQL shipped in the crate's `migrations/` directory; both pass the
-//! [conformance suite](tower_idempotency_core::conformance) of the [`Ledger`] contract. A claim is
+//! [conformance suite](https://docs.rs/tower-idempotency-core/latest/tower_idempotency_core/conformance/)
+//! of the [`Ledger`] contract. A claim is
 //! one atomic `INSERT .. ON CONFLICT DO UPDATE .. WHERE .. RETURNING` statement; complete,
 //! release and renew are fenced by the token in their `WHERE` clause. Expired records are deleted
 //! in batches by [`Ledger::purge_expired`]; spawn [`purge_periodically`] to run it. The schema,
