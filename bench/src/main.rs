@@ -1,0 +1,535 @@
+//! HTTP load generator for tower-idempotency, over loopback.
+//!
+//! Starts each server variant in this process on an ephemeral 127.0.0.1 port (bare axum, the
+//! layer on each ledger, peer crates), drives it with keep-alive HTTP/1.1 connections sending a
+//! 1 KiB JSON body to a trivial handler, on the fresh path (every key new) and on the replay path
+//! (keys reused), and prints requests per second and the ratio to bare axum measured in the same
+//! round. `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
+//!
+//! ```sh
+//! cargo run --release -- compare   # BENCH_SECS=5 BENCH_ROUNDS=3 BENCH_CONNS=32 [DATABASE_URL=..]
+//! cargo run --release -- growth    # GROWTH_SECS=60 GROWTH_WINDOW=5
+//! cargo run --release              # both
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    http::{Request, StatusCode, header},
+    response::IntoResponse,
+    routing::{get, post},
+};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tower_idempotency::{IdempotencyLayer, Ledger, MemoryLedger};
+use tower_idempotency_sqlx::{PostgresLedger, SqliteLedger};
+
+const RESPONSE: &str = r#"{"id":"pay_1","status":"succeeded"}"#;
+
+/// The trivial handler: takes the body, answers 201 with a small JSON document.
+async fn create_payment(body: Bytes) -> impl IntoResponse {
+    std::hint::black_box(body);
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        RESPONSE,
+    )
+}
+
+/// Gives the connection a session, which axum-idempotent needs before it caches anything.
+async fn start_session(session: ruts::Session<ruts::store::moka::MokaStore>) -> StatusCode {
+    let ttl = ruts::store::Ttl::new(3600).expect("a valid ttl");
+    match session.set("bench", &1u8, ttl, None).await {
+        Ok(()) => StatusCode::NO_CONTENT,
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Bare,
+    Memory,
+    Sqlite,
+    Postgres,
+    AxumIdempotent,
+}
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Bare => "bare axum",
+            Variant::Memory => "tower-idempotency MemoryLedger",
+            Variant::Sqlite => "tower-idempotency SqliteLedger (file)",
+            Variant::Postgres => "tower-idempotency PostgresLedger",
+            Variant::AxumIdempotent => "axum-idempotent 0.6 (ruts MokaStore)",
+        }
+    }
+
+    /// The response header that marks a replay.
+    fn replay_header(self) -> Option<&'static str> {
+        match self {
+            Variant::Bare => None,
+            Variant::AxumIdempotent => Some("idempotency-replayed"),
+            _ => Some("idempotent-replayed"),
+        }
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+    memory: Option<MemoryLedger>,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    None,
+    File(PathBuf),
+    Table(PostgresLedger),
+}
+
+async fn serve(app: Router) -> (SocketAddr, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    (addr, task)
+}
+
+fn payments() -> Router {
+    Router::new().route("/payments", post(create_payment))
+}
+
+fn layered<L: Ledger + Clone>(ledger: L) -> Router {
+    payments().layer(IdempotencyLayer::new(ledger))
+}
+
+async fn start(variant: Variant, run: &str) -> Option<Server> {
+    let (app, memory, cleanup) = match variant {
+        Variant::Bare => (payments(), None, Cleanup::None),
+        Variant::Memory => {
+            let ledger = MemoryLedger::new();
+            (layered(ledger.clone()), Some(ledger), Cleanup::None)
+        }
+        Variant::Sqlite => {
+            let path = std::env::temp_dir().join(format!("tower-idempotency-bench-{run}.db"));
+            let url = format!("sqlite://{}?mode=rwc", path.display());
+            let ledger = SqliteLedger::connect(&url).await.expect("open SQLite");
+            ledger.migrate().await.expect("migrate SQLite");
+            (layered(ledger), None, Cleanup::File(path))
+        }
+        Variant::Postgres => {
+            let url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty())?;
+            let ledger = PostgresLedger::connect(&url)
+                .await
+                .expect("connect to PostgreSQL")
+                .with_table(&format!("bench_{run}"))
+                .expect("a valid table name");
+            ledger.migrate().await.expect("migrate PostgreSQL");
+            (layered(ledger.clone()), None, Cleanup::Table(ledger))
+        }
+        Variant::AxumIdempotent => {
+            use axum_idempotent::{IdempotentLayer, IdempotentOptions};
+            use ruts::{CookieOptions, SessionLayer, store::moka::MokaStore};
+            let store = Arc::new(MokaStore::builder().build());
+            let options = IdempotentOptions::default()
+                .use_idempotency_key_header(Some("Idempotency-Key"), true)
+                .expire_after(3600);
+            // The session route sits outside the idempotent layer, which requires a key.
+            let app = Router::new()
+                .route("/session", get(start_session))
+                .merge(payments().layer(IdempotentLayer::<MokaStore>::new(options)))
+                .layer(SessionLayer::new(store).with_cookie_options(
+                    CookieOptions::build().name("session").max_age(3600).path("/"),
+                ))
+                .layer(tower_cookies::CookieManagerLayer::new());
+            (app, None, Cleanup::None)
+        }
+    };
+    let (addr, task) = serve(app).await;
+    Some(Server {
+        addr,
+        task,
+        memory,
+        cleanup,
+    })
+}
+
+impl Server {
+    async fn stop(self) {
+        self.task.abort();
+        match self.cleanup {
+            Cleanup::None => {}
+            Cleanup::File(path) => {
+                for suffix in ["", "-shm", "-wal"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+            Cleanup::Table(ledger) => {
+                let drop = format!("DROP TABLE IF EXISTS {}", ledger.table());
+                let _ = tower_idempotency_sqlx::sqlx::raw_sql(
+                    tower_idempotency_sqlx::sqlx::AssertSqlSafe(drop),
+                )
+                .execute(ledger.pool())
+                .await;
+                ledger.pool().close().await;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// Every request has a new key: claim, handler, store.
+    Fresh,
+    /// Keys from a small pool, each executed once first: every measured request is a replay.
+    Replay,
+}
+
+/// Keys per connection on the replay path.
+const REPLAY_KEYS: usize = 16;
+
+#[derive(Default)]
+struct Counters {
+    done: AtomicU64,
+    /// Responses that were not what the path expects (wrong status, replay header wrong).
+    unexpected: AtomicU64,
+}
+
+/// A 1 KiB JSON body.
+fn body() -> Bytes {
+    let head = r#"{"amount":1000,"currency":"eur","customer":"cus_42","description":""#;
+    let tail = r#""}"#;
+    let pad = 1024 - head.len() - tail.len();
+    let json = format!("{head}{}{tail}", "x".repeat(pad));
+    debug_assert_eq!(json.len(), 1024);
+    Bytes::from(json)
+}
+
+struct Load {
+    addr: SocketAddr,
+    variant: Variant,
+    path: Path,
+    run: String,
+    body: Bytes,
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+}
+
+async fn connection(load: Arc<Load>, conn: usize) {
+    let stream = tokio::net::TcpStream::connect(load.addr)
+        .await
+        .expect("connect");
+    stream.set_nodelay(true).expect("nodelay");
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .expect("handshake");
+    tokio::spawn(connection);
+
+    let mut cookie = None;
+    if load.variant == Variant::AxumIdempotent {
+        let request = Request::get("/session")
+            .header(header::HOST, "bench")
+            .body(Full::new(Bytes::new()))
+            .expect("a request");
+        sender.ready().await.expect("ready");
+        let response = sender.send_request(request).await.expect("session");
+        let status = response.status();
+        let Some(set) = response
+            .headers()
+            .get(header::SET_COOKIE)
+            .and_then(|v| v.to_str().ok())
+        else {
+            panic!("GET /session gave {status} and no session cookie");
+        };
+        cookie = Some(set.split(';').next().unwrap_or(set).to_owned());
+        let _ = response.into_body().collect().await;
+    }
+
+    let replay_header = load.variant.replay_header();
+    let mut n = 0u64;
+    loop {
+        if load.stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let (key, expect_replay) = match load.path {
+            Path::Fresh => (format!("{}-{conn}-{n}", load.run), Some(false)),
+            Path::Replay => {
+                let slot = n as usize % REPLAY_KEYS;
+                let first_pass = (n as usize) < REPLAY_KEYS;
+                (
+                    format!("{}-{conn}-r{slot}", load.run),
+                    Some(!first_pass),
+                )
+            }
+        };
+        n += 1;
+        let mut request = Request::post("/payments")
+            .header(header::HOST, "bench")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("idempotency-key", key);
+        if let Some(cookie) = &cookie {
+            request = request.header(header::COOKIE, cookie.as_str());
+        }
+        let request = request
+            .body(Full::new(load.body.clone()))
+            .expect("a request");
+        if sender.ready().await.is_err() {
+            break;
+        }
+        let Ok(response) = sender.send_request(request).await else {
+            break;
+        };
+        let replayed = replay_header.is_some_and(|h| response.headers().contains_key(h));
+        let ok = response.status() == StatusCode::CREATED
+            && match (replay_header, expect_replay) {
+                (None, _) | (_, None) => true,
+                (Some(_), Some(expected)) => replayed == expected,
+            };
+        if response.into_body().collect().await.is_err() {
+            break;
+        }
+        if !ok {
+            load.counters.unexpected.fetch_add(1, Ordering::Relaxed);
+        }
+        load.counters.done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+struct Measured {
+    rps: f64,
+    unexpected: u64,
+    load: String,
+}
+
+/// Starts `conns` connections on `server` and measures completed requests over `secs`, after a
+/// one-second warm-up (which on the replay path also executes every key once).
+async fn measure(
+    server: &Server,
+    variant: Variant,
+    path: Path,
+    run: &str,
+    conns: usize,
+    secs: u64,
+) -> Measured {
+    let load = Arc::new(Load {
+        addr: server.addr,
+        variant,
+        path,
+        run: run.to_owned(),
+        body: body(),
+        counters: Arc::default(),
+        stop: Arc::default(),
+    });
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| tokio::spawn(connection(load.clone(), c)))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let loadavg = loadavg();
+    let (start, t0) = (load.counters.done.load(Ordering::Relaxed), Instant::now());
+    let unexpected0 = load.counters.unexpected.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (end, t1) = (load.counters.done.load(Ordering::Relaxed), Instant::now());
+    load.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    Measured {
+        rps: (end - start) as f64 / (t1 - t0).as_secs_f64(),
+        unexpected: load.counters.unexpected.load(Ordering::Relaxed) - unexpected0,
+        load: loadavg,
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+async fn compare() -> bool {
+    let secs = env_u64("BENCH_SECS", 5);
+    let rounds = env_u64("BENCH_ROUNDS", 3) as usize;
+    let conns = env_u64("BENCH_CONNS", 32) as usize;
+    let mut variants = vec![
+        Variant::Bare,
+        Variant::Memory,
+        Variant::Sqlite,
+        Variant::Postgres,
+        Variant::AxumIdempotent,
+    ];
+    if std::env::var("DATABASE_URL").map_or(true, |u| u.is_empty()) {
+        println!("DATABASE_URL is not set: PostgresLedger is left out");
+        variants.retain(|v| *v != Variant::Postgres);
+    }
+    println!(
+        "compare: {conns} connections, 1 KiB JSON body, {secs} s per measurement after 1 s \
+         warm-up, {rounds} rounds; ratios are to bare axum in the same round"
+    );
+    let pid = std::process::id();
+    let mut all_ok = true;
+    for path in [Path::Fresh, Path::Replay] {
+        // results[variant][round] = (rps, ratio)
+        let mut results = vec![Vec::new(); variants.len()];
+        for round in 0..rounds {
+            let mut bare = f64::NAN;
+            for (i, &variant) in variants.iter().enumerate() {
+                let run = format!("b{pid}_{round}_{i}_{}", path_tag(path));
+                let Some(server) = start(variant, &run).await else {
+                    continue;
+                };
+                let m = measure(&server, variant, path, &run, conns, secs).await;
+                server.stop().await;
+                if variant == Variant::Bare {
+                    bare = m.rps;
+                }
+                let ratio = m.rps / bare;
+                println!(
+                    "  {:<6} round {round}  {:<40} {:>9.0} req/s  {:>5.3}x bare  unexpected {:>3}  load {}",
+                    path_tag(path),
+                    variant.name(),
+                    m.rps,
+                    ratio,
+                    m.unexpected,
+                    m.load
+                );
+                if m.unexpected > 0 {
+                    all_ok = false;
+                }
+                results[i].push((m.rps, ratio));
+            }
+        }
+        println!("{} path, median of {rounds} rounds:", path_tag(path));
+        println!("| variant | req/s | × bare axum |");
+        println!("|---|---:|---:|");
+        for (i, variant) in variants.iter().enumerate() {
+            let mut rps: Vec<f64> = results[i].iter().map(|r| r.0).collect();
+            let mut ratio: Vec<f64> = results[i].iter().map(|r| r.1).collect();
+            println!(
+                "| {} | {:.0} | {:.3} |",
+                variant.name(),
+                median(&mut rps),
+                median(&mut ratio)
+            );
+        }
+    }
+    all_ok
+}
+
+fn path_tag(path: Path) -> &'static str {
+    match path {
+        Path::Fresh => "fresh",
+        Path::Replay => "replay",
+    }
+}
+
+/// Unique-key load on one MemoryLedger server (default retention, so every key stays), one
+/// line per window: throughput must not fall as the ledger grows.
+async fn growth() -> bool {
+    let secs = env_u64("GROWTH_SECS", 60);
+    let window = env_u64("GROWTH_WINDOW", 5);
+    let conns = env_u64("BENCH_CONNS", 32) as usize;
+    let run = format!("g{}", std::process::id());
+    let server = start(Variant::Memory, &run).await.expect("a memory server");
+    let ledger = server.memory.clone().expect("the ledger");
+    let load = Arc::new(Load {
+        addr: server.addr,
+        variant: Variant::Memory,
+        path: Path::Fresh,
+        run: run.clone(),
+        body: body(),
+        counters: Arc::default(),
+        stop: Arc::default(),
+    });
+    println!(
+        "growth: {conns} connections, unique keys into one MemoryLedger for {secs} s, {window} s windows"
+    );
+    println!("| window | req/s | keys stored at end | load avg |");
+    println!("|---|---:|---:|---|");
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| tokio::spawn(connection(load.clone(), c)))
+        .collect();
+    let mut rates = Vec::new();
+    let mut last = (load.counters.done.load(Ordering::Relaxed), Instant::now());
+    for w in 0..secs / window {
+        tokio::time::sleep(Duration::from_secs(window)).await;
+        let now = (load.counters.done.load(Ordering::Relaxed), Instant::now());
+        let rps = (now.0 - last.0) as f64 / (now.1 - last.1).as_secs_f64();
+        rates.push(rps);
+        println!(
+            "| {:>3}-{:<3} s | {rps:.0} | {} | {} |",
+            w * window,
+            (w + 1) * window,
+            ledger.len(),
+            loadavg()
+        );
+        last = now;
+    }
+    load.stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        let _ = task.await;
+    }
+    let unexpected = load.counters.unexpected.load(Ordering::Relaxed);
+    server.stop().await;
+    let (first, last) = (rates[0], rates[rates.len() - 1]);
+    let flat = last >= 0.90 * first;
+    println!(
+        "growth: last window / first window = {:.3} ({}); unexpected responses {unexpected}",
+        last / first,
+        if flat { "flat: >= 0.90" } else { "FELL below 0.90" }
+    );
+    unexpected == 0
+}
+
+#[tokio::main]
+async fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    println!(
+        "machine: {} cores; load average at start {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    );
+    let ok = match mode.as_str() {
+        "compare" => compare().await,
+        "growth" => growth().await,
+        "all" => compare().await & growth().await,
+        other => {
+            eprintln!("unknown mode {other:?}: compare, growth or all");
+            false
+        }
+    };
+    if !ok {
+        eprintln!("FAILED: some responses were not what the path expects");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# HTTP over loopback (docs/benchmarks.md, "HTTP over loopback (issue 6)"): builds bench/ in
+# release and runs the comparison (bare axum, tower-idempotency on Memory/SQLite/PostgreSQL,
+# axum-idempotent) on the fresh and replay paths, then the 60 s growth run.
+#   scripts/bench-http.sh            # everything
+#   scripts/bench-http.sh compare    # or: growth
+# Settings: BENCH_SECS (5), BENCH_ROUNDS (3), BENCH_CONNS (32), GROWTH_SECS (60), GROWTH_WINDOW (5),
+# DATABASE_URL (PostgresLedger is left out when unset).
+set -euo pipefail
+cd "$(dirname "$0")/../bench"
+export DATABASE_URL="${DATABASE_URL-postgres://postgres@127.0.0.1:5432/test}"
+cargo build --release --quiet
+echo "uptime: $(uptime)"
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; rustc: $(rustc --version)"
+./target/release/tower-idempotency-bench "${1:-all}"
+echo "uptime: $(uptime)"
