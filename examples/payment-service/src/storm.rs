@@ -4,7 +4,7 @@
 //! For each payment (a unique `customer`, `storm-{run}-{i}`, and one idempotency key), its
 //! duplicates are sent at once; each retries with the same key and body until it gets a final
 //! 201. A "dropped" request is abandoned at a random moment (before or after the server got it,
-//! like a connection reset) and retried; 409, 202 and 503 are retried after a short backoff.
+//! like a connection reset) and retried; 409, 202 and 5xx are retried after a short backoff.
 //! Then `GET /payments?customer=..` must show exactly one payment per customer, the one every
 //! duplicate was answered with.
 
@@ -77,13 +77,14 @@ pub struct Summary {
     pub conflicts: u64,
     /// 202: a duplicate of a request in progress (Accepted policy).
     pub accepted: u64,
-    /// 503: the processor (or the ledger) failed; retried.
-    pub unavailable: u64,
+    /// 5xx (mostly 503: the processor failed, nothing charged); retried.
+    pub server_errors: u64,
     /// Requests abandoned by the client.
     pub dropped: u64,
     /// Requests after a duplicate's first.
     pub retries: u64,
-    /// Any other status, a transport error, or a duplicate that gave up.
+    /// Any other status (a duplicate stops at it), a transport error, or a duplicate that gave
+    /// up after `max_attempts`.
     pub unexpected: u64,
     /// Payments the audit found exactly once.
     pub created: u64,
@@ -108,7 +109,7 @@ impl Summary {
         self.replayed += other.replayed;
         self.conflicts += other.conflicts;
         self.accepted += other.accepted;
-        self.unavailable += other.unavailable;
+        self.server_errors += other.server_errors;
         self.dropped += other.dropped;
         self.retries += other.retries;
         self.unexpected += other.unexpected;
@@ -130,7 +131,7 @@ impl fmt::Display for Summary {
         )?;
         writeln!(f, "  409 conflict  {:>8}", self.conflicts)?;
         writeln!(f, "  202 accepted  {:>8}", self.accepted)?;
-        writeln!(f, "  503           {:>8}", self.unavailable)?;
+        writeln!(f, "  5xx           {:>8}  (retried)", self.server_errors)?;
         writeln!(
             f,
             "  dropped       {:>8}  (abandoned by the client)",
@@ -329,8 +330,12 @@ async fn until_final(shared: &Shared, key: &str, body: &Value) -> (Summary, Opti
             }
             StatusCode::CONFLICT => counts.conflicts += 1,
             StatusCode::ACCEPTED => counts.accepted += 1,
-            StatusCode::SERVICE_UNAVAILABLE => counts.unavailable += 1,
-            _ => counts.unexpected += 1,
+            status if status.is_server_error() => counts.server_errors += 1,
+            // 400, 401, 422...: retrying the same request cannot help.
+            _ => {
+                counts.unexpected += 1;
+                return (counts, None);
+            }
         }
         backoff().await;
     }

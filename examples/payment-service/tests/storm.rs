@@ -14,10 +14,11 @@ use tower_idempotency::InProgress;
 const PAYMENTS: usize = 60;
 
 /// Serves `database` on 127.0.0.1:0 and runs a storm of 60 payments x 6 duplicates with 20%
-/// of the requests dropped.
-async fn storm_against(database: Database, in_progress: InProgress) -> Summary {
+/// of the requests dropped, and `fail_rate` of the charges failing with 503.
+async fn storm_against(database: Database, in_progress: InProgress, fail_rate: f64) -> Summary {
     let settings = Settings {
         latency: Duration::from_millis(20),
+        fail_rate,
         in_progress,
         ..Settings::default()
     };
@@ -71,9 +72,11 @@ async fn storm_on_sqlite_charges_each_payment_once() {
     )));
     let url = format!("sqlite://{}?mode=rwc", file.0.display());
     let database = Database::connect(&url, None).await.unwrap();
-    let summary = storm_against(database, InProgress::Conflict).await;
+    // A quarter of the charges fail: the 503 releases the key, and a retry charges once.
+    let summary = storm_against(database, InProgress::Conflict, 0.25).await;
     assert_clean(&summary);
     assert!(summary.conflicts > 0, "{summary}");
+    assert!(summary.server_errors > 0, "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +87,7 @@ async fn storm_with_accepted_policy_charges_each_payment_once() {
     )));
     let url = format!("sqlite://{}?mode=rwc", file.0.display());
     let database = Database::connect(&url, None).await.unwrap();
-    let summary = storm_against(database, InProgress::Accepted).await;
+    let summary = storm_against(database, InProgress::Accepted, 0.0).await;
     assert_clean(&summary);
     assert!(summary.accepted > 0, "{summary}");
 }
@@ -108,6 +111,7 @@ async fn storm_on_postgres_charges_each_payment_once() {
         InProgress::Wait {
             timeout: Duration::from_secs(5),
         },
+        0.0,
     )
     .await;
     assert_clean(&summary);
