@@ -3,13 +3,13 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use sqlx::{
-    AssertSqlSafe, Row, SqlSafeStr, SqlStr,
+    AssertSqlSafe, Executor, Row, SqlSafeStr, SqlStr,
     postgres::{PgPool, PgPoolOptions, PgRow},
 };
 use tokio::time::Instant;
 use tower_idempotency_core::{
     Claim, ClaimRequest, Existing, FencingToken, Lease, Ledger, LedgerError, LedgerKey,
-    OperationId, OperationStatus, ScopeDigest, StoredResponse,
+    OperationId, OperationStatus, ScopeDigest, StoredResponse, TransactionalLedger,
 };
 use uuid::Uuid;
 
@@ -360,20 +360,8 @@ impl Ledger for PostgresLedger {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<(), LedgerError> {
-        // Status codes are 100..=999, so they fit a smallint.
-        let status = response.status.as_u16() as i16;
-        let done = sqlx::query(self.sql.complete.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(token.as_uuid())
-            .bind(status)
-            .bind(StoredResponse::encode_headers(&response.headers))
-            .bind(&response.body[..])
-            .bind(response.body_omitted)
-            .bind(row::millis(retention))
-            .execute(&self.pool)
+        self.complete_on(&self.pool, key, token, response, retention)
             .await
-            .map_err(row::error)?;
-        row::fenced(done.rows_affected())
     }
 
     async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
@@ -459,5 +447,74 @@ impl Ledger for PostgresLedger {
                 _ => return,
             }
         }
+    }
+}
+
+impl PostgresLedger {
+    /// The fenced completion, on the pool or inside a transaction.
+    async fn complete_on<'e, E>(
+        &self,
+        executor: E,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<(), LedgerError>
+    where
+        E: Executor<'e, Database = sqlx::Postgres>,
+    {
+        // Status codes are 100..=999, so they fit a smallint.
+        let status = response.status.as_u16() as i16;
+        let done = sqlx::query(self.sql.complete.clone())
+            .bind(&key.as_bytes()[..])
+            .bind(token.as_uuid())
+            .bind(status)
+            .bind(StoredResponse::encode_headers(&response.headers))
+            .bind(&response.body[..])
+            .bind(response.body_omitted)
+            .bind(row::millis(retention))
+            .execute(executor)
+            .await
+            .map_err(row::error)?;
+        row::fenced(done.rows_affected())
+    }
+}
+
+/// Exactly-once mode: the completion is written in the handler's transaction and committed
+/// with it.
+///
+/// Inside a transaction PostgreSQL's `now()` is the transaction's start (just after the claim),
+/// so a response completed this way is kept for `retention` from then, not from the commit.
+/// The fencing does not depend on it: it is the token that must still match.
+impl TransactionalLedger for PostgresLedger {
+    type Transaction = sqlx::Transaction<'static, sqlx::Postgres>;
+
+    async fn begin(&self) -> Result<Self::Transaction, LedgerError> {
+        self.pool.begin().await.map_err(row::error)
+    }
+
+    async fn complete_in(
+        &self,
+        mut transaction: Self::Transaction,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<(), LedgerError> {
+        match self
+            .complete_on(&mut *transaction, key, token, response, retention)
+            .await
+        {
+            Ok(()) => transaction.commit().await.map_err(row::error),
+            Err(error) => {
+                // Fenced off (or failed): the handler's writes must not outlive it.
+                let _ = transaction.rollback().await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn rollback(&self, transaction: Self::Transaction) -> Result<(), LedgerError> {
+        transaction.rollback().await.map_err(row::error)
     }
 }

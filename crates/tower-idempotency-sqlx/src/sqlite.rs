@@ -8,13 +8,13 @@ use std::{
 };
 
 use sqlx::{
-    AssertSqlSafe, Row, SqlSafeStr, SqlStr,
+    AssertSqlSafe, Executor, Row, SqlSafeStr, SqlStr,
     sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow},
 };
 use tokio::time::Instant;
 use tower_idempotency_core::{
     Claim, ClaimRequest, Existing, FencingToken, Lease, Ledger, LedgerError, LedgerKey,
-    OperationId, OperationStatus, ScopeDigest, StoredResponse,
+    OperationId, OperationStatus, ScopeDigest, StoredResponse, TransactionalLedger,
 };
 use uuid::Uuid;
 
@@ -344,20 +344,8 @@ impl Ledger for SqliteLedger {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<(), LedgerError> {
-        let now = now_ms();
-        let done = sqlx::query(self.sql.complete.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(token.as_uuid())
-            .bind(i64::from(response.status.as_u16()))
-            .bind(StoredResponse::encode_headers(&response.headers))
-            .bind(&response.body[..])
-            .bind(response.body_omitted)
-            .bind(now.saturating_add(row::millis(retention)))
-            .bind(now)
-            .execute(&self.pool)
+        self.complete_on(&self.pool, key, token, response, retention)
             .await
-            .map_err(row::error)?;
-        row::fenced(done.rows_affected())
     }
 
     async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
@@ -444,5 +432,75 @@ impl Ledger for SqliteLedger {
                 _ => return,
             }
         }
+    }
+}
+
+impl SqliteLedger {
+    /// The fenced completion, on the pool or inside a transaction.
+    async fn complete_on<'e, E>(
+        &self,
+        executor: E,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<(), LedgerError>
+    where
+        E: Executor<'e, Database = sqlx::Sqlite>,
+    {
+        let now = now_ms();
+        let done = sqlx::query(self.sql.complete.clone())
+            .bind(&key.as_bytes()[..])
+            .bind(token.as_uuid())
+            .bind(i64::from(response.status.as_u16()))
+            .bind(StoredResponse::encode_headers(&response.headers))
+            .bind(&response.body[..])
+            .bind(response.body_omitted)
+            .bind(now.saturating_add(row::millis(retention)))
+            .bind(now)
+            .execute(executor)
+            .await
+            .map_err(row::error)?;
+        row::fenced(done.rows_affected())
+    }
+}
+
+/// Exactly-once mode: the completion is written in the handler's transaction and committed
+/// with it.
+///
+/// The transaction is SQLite's default (deferred): it takes the write lock at the handler's first
+/// write and holds it until the commit, so write late in the handler. A handler that reads, then
+/// writes after another connection committed, may get `SQLITE_BUSY`; the layer then answers 503
+/// and releases the key, and the retry runs again.
+impl TransactionalLedger for SqliteLedger {
+    type Transaction = sqlx::Transaction<'static, sqlx::Sqlite>;
+
+    async fn begin(&self) -> Result<Self::Transaction, LedgerError> {
+        self.pool.begin().await.map_err(row::error)
+    }
+
+    async fn complete_in(
+        &self,
+        mut transaction: Self::Transaction,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<(), LedgerError> {
+        match self
+            .complete_on(&mut *transaction, key, token, response, retention)
+            .await
+        {
+            Ok(()) => transaction.commit().await.map_err(row::error),
+            Err(error) => {
+                // Fenced off (or failed): the handler's writes must not outlive it.
+                let _ = transaction.rollback().await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn rollback(&self, transaction: Self::Transaction) -> Result<(), LedgerError> {
+        transaction.rollback().await.map_err(row::error)
     }
 }
