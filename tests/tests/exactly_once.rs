@@ -411,9 +411,10 @@ macro_rules! takeover_race {
         };
         let stalled = tokio::spawn(call(app.clone()));
         tokio::time::sleep(Duration::from_millis(3 * LEASE_MS)).await;
-        ledger.drop_renewals.store(false, Ordering::SeqCst);
 
+        // The stall lasts until the retry took over (a renewal allowed earlier could revive it).
         let (status, _, body) = call(app.clone()).await;
+        ledger.drop_renewals.store(false, Ordering::SeqCst);
         assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"holder 2"[..]));
         gate.notify_one();
         let (status, _, _) = stalled.await.unwrap();

@@ -103,7 +103,8 @@ where
             key = Empty,
             operation_id = Empty,
             ledger = shared.ledger.name(),
-            lease_ms = shared.config.lease.as_millis() as u64,
+            // i64, not u64: tracing-opentelemetry exports u64 fields as strings.
+            lease_ms = shared.config.lease.as_millis() as i64,
             takeover = Empty,
         );
         ResponseFuture {
@@ -241,6 +242,54 @@ where
         ),
     };
 
+    // From the first claim on, the request runs in a task of its own: a claim may take effect
+    // in the ledger even if its answer never arrives, so a client disconnect (which drops this
+    // future) must not stop the steps that follow it, or the key would stay claimed, with no
+    // handler running, until its lease expired.
+    let task = tokio::spawn(
+        settle(
+            shared.clone(),
+            inner,
+            parts,
+            body,
+            ledger_key,
+            scope,
+            fingerprint,
+        )
+        .in_current_span(),
+    );
+    match task.await {
+        Ok(result) => result,
+        // Handler panics are caught inside the task; this is the runtime shutting down under it.
+        Err(error) => {
+            tracing::error!(%error, "the idempotent request's task did not finish");
+            Ok(answer(&shared, Outcome::Executed, handler_failed(&shared)))
+        }
+    }
+}
+
+/// Claims the key and acts on the answer: runs the handler, replays, rejects or waits.
+#[allow(clippy::too_many_arguments)]
+async fn settle<S, L, ReqBody, ResBody>(
+    shared: Arc<Shared<L>>,
+    mut inner: S,
+    parts: http::request::Parts,
+    body: Bytes,
+    ledger_key: LedgerKey,
+    scope: ScopeDigest,
+    fingerprint: Fingerprint,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    L: Ledger,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let span = tracing::Span::current();
     let ledger = &shared.ledger;
     let telemetry = &config.telemetry;
     let deadline = match config.in_progress {
@@ -376,8 +425,7 @@ fn unavailable(retry_after: u64) -> Rejection {
     .retry_after(retry_after)
 }
 
-/// Runs the handler in a task of its own, so that a client disconnect (which drops this future)
-/// cannot stop it between its side effects and the record of them.
+/// Runs the handler (already in the request's own task) and answers for it.
 async fn execute<S, L, ReqBody, ResBody>(
     shared: Arc<Shared<L>>,
     inner: S,
@@ -395,27 +443,17 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let task = tokio::spawn(
-        run_handler(
-            shared.clone(),
-            inner,
-            request,
-            key,
-            lease.token,
-            transaction,
-        )
-        .in_current_span(),
-    );
-    let response = match task.await {
-        Ok(result) => result?,
-        // Panics are caught inside the task; this is the runtime shutting down under it.
-        Err(error) => {
-            tracing::error!(%error, "the idempotent handler's task did not finish");
-            handler_failed(&shared)
-        }
-    };
+    let response = run_handler(
+        shared.clone(),
+        inner,
+        request,
+        key,
+        lease.token,
+        transaction,
+    )
+    .await?;
     if response.extensions().get::<Outcome>().is_some() {
-        // The task already answered for itself (a lease lost in transactional mode).
+        // run_handler already answered for itself (a lease lost in transactional mode).
         return Ok(response);
     }
     Ok(answer(&shared, Outcome::Executed, response))

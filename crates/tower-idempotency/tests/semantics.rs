@@ -698,10 +698,11 @@ async fn a_holder_whose_lease_was_taken_over_cannot_overwrite_the_new_result() {
         async move { send(&app, pay("k", BODY)).await }
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    ledger.drop_renewals.store(false, Ordering::SeqCst);
 
-    // The lease expired: the retry takes the key over and completes.
+    // The lease expired: the retry takes the key over and completes. (The stall lasts until
+    // then: a renewal allowed earlier could revive the lease before the retry's claim.)
     let (second, body) = send(&app, pay("k", BODY)).await;
+    ledger.drop_renewals.store(false, Ordering::SeqCst);
     assert_eq!(
         (second.status(), &body[..]),
         (StatusCode::CREATED, &b"holder 2"[..])
@@ -743,5 +744,31 @@ async fn renewal_keeps_a_slow_handler_from_being_taken_over() {
     );
     assert_eq!(first.await.unwrap().0.status(), StatusCode::CREATED);
     assert!(is_replay(&send(&app, pay("k", BODY)).await.0));
+    assert_eq!(runs.get(), 1);
+}
+
+/// The claim took effect in the ledger, but the client left before its answer arrived: the
+/// handler must still run (or the key would answer 409 to everyone until the lease expired).
+#[tokio::test]
+async fn a_client_that_leaves_while_the_claim_is_answered_does_not_strand_the_key() {
+    let ledger = Switchable::default();
+    ledger.claim_answer_delay_ms.store(200, Ordering::SeqCst);
+    let runs = Runs::default();
+    let app = payments(runs.clone(), Duration::ZERO).layer(IdempotencyLayer::new(ledger.clone()));
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), send(&app, pay("k", BODY))).await;
+    assert!(gave_up.is_err(), "the client left during the claim");
+    ledger.claim_answer_delay_ms.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (retry, body) = send(&app, pay("k", BODY)).await;
+    assert_eq!(
+        retry.status(),
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        is_replay(&retry),
+        "the claimed request ran to completion without its client"
+    );
     assert_eq!(runs.get(), 1);
 }

@@ -254,9 +254,10 @@ async fn a_holder_whose_lease_was_taken_over_loses_its_writes() {
         async move { send(&app, pay("k", BODY)).await }
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    ledger.inner.drop_renewals.store(false, Ordering::SeqCst);
 
+    // The stall lasts until the retry took over (a renewal allowed earlier could revive it).
     let (retry, body) = send(&app, pay("k", BODY)).await;
+    ledger.inner.drop_renewals.store(false, Ordering::SeqCst);
     assert_eq!(
         (retry.status(), &body[..]),
         (StatusCode::CREATED, &b"holder 2"[..])
@@ -312,8 +313,8 @@ async fn without_transactions_the_same_takeover_charges_twice() {
         async move { send(&app, pay("k", BODY)).await }
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    ledger.drop_renewals.store(false, Ordering::SeqCst);
     send(&app, pay("k", BODY)).await;
+    ledger.drop_renewals.store(false, Ordering::SeqCst);
     gate.notify_one();
     stalled.await.unwrap();
     assert_eq!(

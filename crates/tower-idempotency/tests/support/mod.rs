@@ -123,6 +123,8 @@ pub struct Switchable {
     pub fail: Arc<AtomicBool>,
     pub drop_renewals: Arc<AtomicBool>,
     pub calls: Arc<AtomicUsize>,
+    /// Milliseconds a claim takes to answer after it took effect (a slow network round trip).
+    pub claim_answer_delay_ms: Arc<AtomicUsize>,
 }
 
 impl Switchable {
@@ -145,7 +147,12 @@ impl Ledger for Switchable {
     }
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
         self.check()?;
-        self.inner.claim(request).await
+        let claimed = self.inner.claim(request).await;
+        let delay = self.claim_answer_delay_ms.load(Ordering::SeqCst) as u64;
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        claimed
     }
     async fn complete(
         &self,
