@@ -11,7 +11,7 @@ use axum::{
     routing::get,
 };
 use serde::Deserialize;
-use tower_idempotency::{ConfigError, IdempotencyLayer, InProgress, Ledger};
+use tower_idempotency::{ConfigError, IdempotencyLayer, InProgress, LedgerTx};
 
 use crate::{
     auth::{self, Tenant},
@@ -19,7 +19,7 @@ use crate::{
     http_trace,
     problem::Problem,
     processor::Processor,
-    store::{NewPayment, Payment, Store},
+    store::{NewPayment, Payment, PaymentLedger, Store},
 };
 
 /// How the service behaves: the simulated processor and the idempotency layer's policies.
@@ -35,6 +35,13 @@ pub struct Settings {
     pub lease: Duration,
     /// The meter for the layer's metrics; `None` uses the global meter provider.
     pub meter: Option<opentelemetry::metrics::Meter>,
+    /// Exactly-once mode: the payment row is written in the ledger's transaction and commits
+    /// together with the stored response (see the [crate docs](crate#exactly-once-mode)).
+    /// Default: true.
+    pub exactly_once: bool,
+    /// A test hook: after writing the payment row, print `WRITTEN` on stdout and never answer,
+    /// so that a crash test can kill the process right there. Default: false.
+    pub pause_after_write: bool,
 }
 
 impl Default for Settings {
@@ -45,6 +52,8 @@ impl Default for Settings {
             in_progress: InProgress::Conflict,
             lease: Duration::from_secs(30),
             meter: None,
+            exactly_once: true,
+            pause_after_write: false,
         }
     }
 }
@@ -53,14 +62,15 @@ impl Default for Settings {
 struct AppState {
     store: Store,
     processor: Processor,
+    pause_after_write: bool,
 }
 
 type Shared = State<Arc<AppState>>;
 
 /// The idempotency layer as a payments API wants it: scoped by tenant, JSON bodies compared in
-/// canonical form, `POST` covered, a key required, and the in-progress policy and lease from
-/// `settings`.
-pub fn idempotency_layer<L: Ledger>(
+/// canonical form, `POST` covered, a key required, and the in-progress policy, lease and
+/// exactly-once mode (`with_transactions`) from `settings`.
+pub fn idempotency_layer<L: PaymentLedger>(
     ledger: L,
     settings: &Settings,
 ) -> Result<IdempotencyLayer<L>, ConfigError> {
@@ -71,6 +81,11 @@ pub fn idempotency_layer<L: Ledger>(
         .with_missing_key(tower_idempotency::MissingKey::Reject)
         .with_in_progress(settings.in_progress)
         .with_lease(settings.lease);
+    let builder = if settings.exactly_once {
+        builder.with_transactions()
+    } else {
+        builder
+    };
     match &settings.meter {
         Some(meter) => builder.with_meter(meter.clone()),
         None => builder,
@@ -82,20 +97,30 @@ pub fn idempotency_layer<L: Ledger>(
 ///
 /// - `POST /payments`, `GET /payments/{id}`, `GET /payments?customer=..` and
 ///   `GET /operations/{operation_id}`, behind bearer authentication, which runs before the
-///   idempotency layer;
+///   idempotency layer; `POST /payments` writes its row in the layer's transaction if
+///   `settings.exactly_once`, else on the pool;
 /// - `GET /healthz`, open;
 /// - an HTTP server span around everything, and problem+json for unknown routes and methods.
-pub fn app<L: Ledger>(ledger: L, store: Store, settings: &Settings) -> Result<Router, ConfigError> {
+pub fn app<L: PaymentLedger>(
+    ledger: L,
+    store: Store,
+    settings: &Settings,
+) -> Result<Router, ConfigError> {
     let layer = idempotency_layer(ledger, settings)?;
     let state = Arc::new(AppState {
         store,
         processor: Processor::new(settings.latency, settings.fail_rate),
+        pause_after_write: settings.pause_after_write,
     });
+    let payments = if settings.exactly_once {
+        get(list_payments).post(create_payment_exactly_once::<L>)
+    } else {
+        get(list_payments).post(create_payment)
+    };
     let protected = Router::new()
-        .route("/payments", get(list_payments).post(create_payment))
+        .route("/payments", payments)
         .route("/payments/{id}", get(get_payment))
         .layer(layer.clone())
-        .layer(middleware::from_fn(detach))
         .merge(layer.operation_router())
         .layer(middleware::from_fn(auth::authenticate));
     Ok(Router::new()
@@ -107,22 +132,31 @@ pub fn app<L: Ledger>(ledger: L, store: Store, settings: &Settings) -> Result<Ro
         .layer(middleware::from_fn(http_trace::trace)))
 }
 
-/// Runs the rest of the request in a task of its own, so that a client that goes away cannot
-/// cancel the idempotency layer between its claim and the handler.
+/// `POST /payments`, exactly-once: charge, then write the payment in the idempotency layer's
+/// transaction, which commits it together with the stored 201. A crash before the commit leaves
+/// neither (and the retry, after the lease, charges once); after it, both.
 ///
-/// The layer spawns the handler once its claim returns, but the claim itself runs in the
-/// request's future: a disconnect while the claim's database round trip is in flight can drop
-/// that future after the claim committed, leaving the key in progress, with no handler, until the
-/// lease runs out (every duplicate gets 409 meanwhile). Detaching closes that window.
-async fn detach(request: axum::extract::Request, next: middleware::Next) -> Response {
-    use tracing::Instrument;
-    let task = tokio::spawn(next.run(request).in_current_span());
-    match task.await {
-        Ok(response) => response,
-        Err(error) => Problem::internal(&error).into_response(),
-    }
+/// The write comes last, after the processor call: on SQLite the transaction takes the database's
+/// write lock at its first write and holds it to the commit.
+async fn create_payment_exactly_once<L: PaymentLedger>(
+    State(state): Shared,
+    Extension(tenant): Extension<Tenant>,
+    mut tx: LedgerTx<L>,
+    ApiJson(new): ApiJson<NewPayment>,
+) -> Result<Response, Problem> {
+    new.validate().map_err(Problem::invalid_payment)?;
+    state.processor.charge(&new).await?;
+    let payment = Payment::succeeded(new);
+    L::insert_in(&mut tx, &tenant, &payment)
+        .await
+        .map_err(|e| Problem::database(&e))?;
+    written(&state, &payment).await;
+    Ok(created(payment))
 }
 
+/// `POST /payments` without exactly-once mode: the row is committed on its own, before the
+/// layer stores the response. A crash between the two leaves a payment whose key is still in
+/// progress; after the lease, the retry charges a second time.
 async fn create_payment(
     State(state): Shared,
     Extension(tenant): Extension<Tenant>,
@@ -135,13 +169,33 @@ async fn create_payment(
         .store
         .insert(&tenant, &payment)
         .await
-        .map_err(|e| Problem::internal(&e))?;
+        .map_err(|e| Problem::database(&e))?;
+    written(&state, &payment).await;
+    Ok(created(payment))
+}
+
+/// After the payment row is written: log it, and with the `pause_after_write` test hook, say
+/// `WRITTEN` on stdout and hang, for a crash test to kill the process there.
+async fn written(state: &AppState, payment: &Payment) {
     tracing::info!(payment.id = %payment.id, amount = payment.amount, "payment created");
+    if state.pause_after_write {
+        {
+            use std::io::Write;
+            let mut stdout = std::io::stdout().lock();
+            // The test reads this line; if it is gone, there is nobody to tell.
+            let _ = writeln!(stdout, "WRITTEN");
+            let _ = stdout.flush();
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+fn created(payment: Payment) -> Response {
     let mut headers = HeaderMap::new();
     if let Ok(location) = HeaderValue::try_from(format!("/payments/{}", payment.id)) {
         headers.insert(header::LOCATION, location);
     }
-    Ok((StatusCode::CREATED, headers, Json(payment)).into_response())
+    (StatusCode::CREATED, headers, Json(payment)).into_response()
 }
 
 async fn get_payment(
@@ -153,7 +207,7 @@ async fn get_payment(
         .store
         .get(&tenant, &id)
         .await
-        .map_err(|e| Problem::internal(&e))?
+        .map_err(|e| Problem::database(&e))?
         .map(Json)
         .ok_or_else(Problem::payment_not_found)
 }
@@ -173,7 +227,7 @@ async fn list_payments(
         .store
         .by_customer(&tenant, &query.customer)
         .await
-        .map_err(|e| Problem::internal(&e))?;
+        .map_err(|e| Problem::database(&e))?;
     Ok(Json(serde_json::json!({ "payments": payments })))
 }
 

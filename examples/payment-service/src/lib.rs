@@ -9,6 +9,31 @@
 //! The app is a library so that tests build the same router in-process ([`app::app`]) and run
 //! the same storm ([`storm::run`]) as the binaries.
 //!
+//! # Exactly-once mode
+//!
+//! On by default (`--exactly-once true`, [`Settings::exactly_once`]): the layer is built with
+//! `with_transactions()`, and `POST /payments` writes its row through the
+//! [`LedgerTx`](tower_idempotency::LedgerTx) extractor, in the transaction that also stores the
+//! 201 for its key (the ledger and the `payments` table share one database on both backends).
+//! Either both commit or neither does: a process killed between the write and the commit leaves
+//! no payment and a claim whose lease runs out, and the retry (409 until then) charges once.
+//! With `--exactly-once false` the payment commits on its own before the response is stored; a
+//! crash in between leaves a payment whose key is not completed, and the retry after the lease
+//! charges a second time. `tests/crash.rs` kills the binary at both points and shows the two.
+//!
+//! What it costs and what it does not cover:
+//!
+//! - One pooled connection per request in flight, held from the claim to the commit (the
+//!   processor call included). The SQLite pool has 4 connections, the PostgreSQL pool 10.
+//! - PostgreSQL runs the transaction at its default isolation, READ COMMITTED. The handler only
+//!   inserts, which needs nothing stronger; a handler that reads and then writes on what it read
+//!   needs its own locking (`SELECT .. FOR UPDATE`) or a stricter level.
+//! - SQLite's transaction takes the database's write lock at its first write and keeps it to the
+//!   commit, so the handler writes last, after the processor call.
+//! - Side effects outside the database are not covered: the (simulated) card charge itself is
+//!   not rolled back. A real service records the charge request in an outbox table in the same
+//!   transaction and sends it from there, with the processor's own idempotency key.
+//!
 //! [tower-idempotency]: https://docs.rs/tower-idempotency
 
 pub mod app;

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use payment_service::{Database, Settings, telemetry};
 use tower_idempotency::InProgress;
 
@@ -40,12 +40,25 @@ enum Policy {
 
 #[derive(Debug, clap::Args)]
 struct Serve {
-    /// The address to listen on.
+    /// The address to listen on (port 0: any free port). Once it listens, the service prints
+    /// `listening on http://ADDR` on stdout (on stderr with --otel stdout).
     #[arg(long, env = "PAYMENT_SERVICE_ADDR", default_value = "127.0.0.1:3000")]
     addr: SocketAddr,
     /// sqlite://FILE?mode=rwc or postgres://USER@HOST/DB; the ledger and the payments share it.
+    /// URL parameters go to the driver (such as ?application_name=.. on PostgreSQL).
     #[arg(long, env = "DATABASE_URL", default_value = payment_service::DEFAULT_DATABASE_URL)]
     database_url: String,
+    /// The ledger's table, instead of idempotency_records.
+    #[arg(long, env = "PAYMENT_SERVICE_LEDGER_TABLE")]
+    ledger_table: Option<String>,
+    /// Exactly-once mode: write each payment in the idempotency ledger's transaction, so that
+    /// the payment and its stored response commit together (false: the payment commits first,
+    /// and a crash in between charges twice on retry).
+    #[arg(long, env = "PAYMENT_SERVICE_EXACTLY_ONCE", default_value_t = true, action = ArgAction::Set)]
+    exactly_once: bool,
+    /// Test hook: print WRITTEN on stdout after writing a payment, then never answer.
+    #[arg(long, env = "PAYMENT_SERVICE_PAUSE_AFTER_WRITE", hide = true)]
+    pause_after_write: bool,
     /// How long the simulated processor takes per charge, in milliseconds.
     #[arg(long, env = "PAYMENT_SERVICE_LATENCY_MS", default_value_t = 50)]
     latency_ms: u64,
@@ -116,17 +129,26 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
         lease: Duration::from_millis(args.lease_ms),
         // The global meter provider, installed by telemetry::init.
         meter: None,
+        exactly_once: args.exactly_once,
+        pause_after_write: args.pause_after_write,
     };
-    let database = Database::connect(&args.database_url, None).await?;
+    let database = Database::connect(&args.database_url, args.ledger_table.as_deref()).await?;
     let router = database.router(&settings)?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    let addr = listener.local_addr()?;
     tracing::info!(
-        addr = %listener.local_addr()?,
+        %addr,
         database = database.kind(),
         in_progress = ?settings.in_progress,
-        "payment-service listening on http://{}",
-        listener.local_addr()?
+        exactly_once = settings.exactly_once,
+        "payment-service listening on http://{addr}",
     );
+    // For scripts and tests that ask for port 0; stdout is the telemetry stream with --otel stdout.
+    if args.otel == telemetry::Otel::Stdout {
+        eprintln!("listening on http://{addr}");
+    } else {
+        println!("listening on http://{addr}");
+    }
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await?;

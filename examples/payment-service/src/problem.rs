@@ -15,7 +15,8 @@
 //! | `not-found` | 404 | no such route |
 //! | `method-not-allowed` | 405 | the route exists, the method does not |
 //! | `processor-unavailable` | 503 | the (simulated) processor failed; nothing was charged |
-//! | `internal` | 500 | the database failed |
+//! | `database-unavailable` | 503 | the database was unreachable (connection lost, pool exhausted, locked); nothing was recorded |
+//! | `internal` | 500 | the database failed otherwise |
 
 use axum::{
     Json,
@@ -23,6 +24,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
+use tower_idempotency_sqlx::sqlx;
 
 /// The media type of every error body.
 pub const CONTENT_TYPE: &str = "application/problem+json";
@@ -111,6 +113,24 @@ impl Problem {
         )
     }
 
+    /// A database error: 503 `database-unavailable` with `Retry-After: 1` if it is one a retry
+    /// can get past (the connection was lost or refused, the pool timed out, SQLite was busy),
+    /// otherwise 500 `internal`. Either way the idempotency layer does not store a 5xx and
+    /// releases the key, so the retry runs the handler again.
+    pub fn database(error: &sqlx::Error) -> Self {
+        if !transient(error) {
+            return Self::internal(error);
+        }
+        tracing::warn!(%error, "the database is unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database-unavailable",
+            "The database is unavailable",
+            "nothing was recorded; retry with the same Idempotency-Key",
+        )
+        .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -153,4 +173,26 @@ pub async fn method_not_allowed() -> Problem {
         "Method not allowed",
         "this resource does not support this method",
     )
+}
+
+/// Whether `error` is one of the database being away rather than of the statement: I/O, the
+/// pool, a PostgreSQL connection exception (class 08) or operator intervention (class 57, such
+/// as `pg_terminate_backend`), SQLite busy or locked.
+fn transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            // PostgreSQL SQLSTATEs; SQLite's primary result codes 5 (BUSY) and 6 (LOCKED),
+            // possibly extended (code + 256 * n).
+            code.starts_with("08")
+                || code.starts_with("57")
+                || code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 5 | 6))
+        }),
+        _ => false,
+    }
 }

@@ -3,8 +3,13 @@
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use tower_idempotency_sqlx::sqlx::{
-    self, Executor, PgPool, Postgres, Row, Sqlite, SqlitePool, postgres::PgRow, sqlite::SqliteRow,
+use tower_idempotency::{LedgerTx, TransactionalLedger};
+use tower_idempotency_sqlx::{
+    PostgresLedger, SqliteLedger,
+    sqlx::{
+        self, Executor, PgPool, Postgres, Row, Sqlite, SqlitePool, postgres::PgRow,
+        sqlite::SqliteRow,
+    },
 };
 use uuid::Uuid;
 
@@ -121,7 +126,7 @@ const SELECT_BY_CUSTOMER: &str = "SELECT id, amount, currency, customer, status,
 
 /// Writes one payment row on a SQLite executor (a pool, a connection or a transaction).
 ///
-/// Kept this small on purpose: exactly-once mode will run it inside the ledger's transaction.
+/// Exactly-once mode runs it on the ledger's transaction ([`PaymentLedger`]).
 pub async fn insert_payment_sqlite<'e, E>(
     executor: E,
     tenant: &Tenant,
@@ -145,7 +150,7 @@ where
 
 /// Writes one payment row on a PostgreSQL executor (a pool, a connection or a transaction).
 ///
-/// Kept this small on purpose: exactly-once mode will run it inside the ledger's transaction.
+/// Exactly-once mode runs it on the ledger's transaction ([`PaymentLedger`]).
 pub async fn insert_payment_postgres<'e, E>(
     executor: E,
     tenant: &Tenant,
@@ -165,6 +170,38 @@ where
         .execute(executor)
         .await?;
     Ok(())
+}
+
+/// A ledger whose database also holds the `payments` table, so that exactly-once mode can write
+/// a payment in the transaction that stores its response ([`LedgerTx`]).
+pub trait PaymentLedger: TransactionalLedger {
+    /// Writes `payment` for `tenant` on the request's transaction: it commits with the stored
+    /// response, or not at all.
+    fn insert_in(
+        tx: &mut LedgerTx<Self>,
+        tenant: &Tenant,
+        payment: &Payment,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+impl PaymentLedger for SqliteLedger {
+    async fn insert_in(
+        tx: &mut LedgerTx<Self>,
+        tenant: &Tenant,
+        payment: &Payment,
+    ) -> Result<(), sqlx::Error> {
+        insert_payment_sqlite(&mut **tx, tenant, payment).await
+    }
+}
+
+impl PaymentLedger for PostgresLedger {
+    async fn insert_in(
+        tx: &mut LedgerTx<Self>,
+        tenant: &Tenant,
+        payment: &Payment,
+    ) -> Result<(), sqlx::Error> {
+        insert_payment_postgres(&mut **tx, tenant, payment).await
+    }
 }
 
 fn sqlite_payment(row: &SqliteRow) -> Result<Payment, sqlx::Error> {
