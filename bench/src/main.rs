@@ -8,7 +8,9 @@
 //!
 //! ```sh
 //! cargo run --release -- compare   # BENCH_SECS=5 BENCH_ROUNDS=3 BENCH_CONNS=32 [DATABASE_URL=..]
+//!                                   # BENCH_ONLY=memory,sqlite,postgres,axum-idempotent
 //! cargo run --release -- growth    # GROWTH_SECS=60 GROWTH_WINDOW=5
+//! cargo run --release -- one memory fresh   # one measurement, for a profiler
 //! cargo run --release              # both
 //! ```
 
@@ -66,6 +68,17 @@ enum Variant {
 }
 
 impl Variant {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name.trim() {
+            "bare" => Variant::Bare,
+            "memory" => Variant::Memory,
+            "sqlite" => Variant::Sqlite,
+            "postgres" => Variant::Postgres,
+            "axum-idempotent" => Variant::AxumIdempotent,
+            _ => return None,
+        })
+    }
+
     fn name(self) -> &'static str {
         match self {
             Variant::Bare => "bare axum",
@@ -131,7 +144,9 @@ async fn start(variant: Variant, run: &str) -> Option<Server> {
             (layered(ledger), None, Cleanup::File(path))
         }
         Variant::Postgres => {
-            let url = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty())?;
+            let url = std::env::var("DATABASE_URL")
+                .ok()
+                .filter(|u| !u.is_empty())?;
             let ledger = PostgresLedger::connect(&url)
                 .await
                 .expect("connect to PostgreSQL")
@@ -151,9 +166,14 @@ async fn start(variant: Variant, run: &str) -> Option<Server> {
             let app = Router::new()
                 .route("/session", get(start_session))
                 .merge(payments().layer(IdempotentLayer::<MokaStore>::new(options)))
-                .layer(SessionLayer::new(store).with_cookie_options(
-                    CookieOptions::build().name("session").max_age(3600).path("/"),
-                ))
+                .layer(
+                    SessionLayer::new(store).with_cookie_options(
+                        CookieOptions::build()
+                            .name("session")
+                            .max_age(3600)
+                            .path("/"),
+                    ),
+                )
                 .layer(tower_cookies::CookieManagerLayer::new());
             (app, None, Cleanup::None)
         }
@@ -270,10 +290,7 @@ async fn connection(load: Arc<Load>, conn: usize) {
             Path::Replay => {
                 let slot = n as usize % REPLAY_KEYS;
                 let first_pass = (n as usize) < REPLAY_KEYS;
-                (
-                    format!("{}-{conn}-r{slot}", load.run),
-                    Some(!first_pass),
-                )
+                (format!("{}-{conn}-r{slot}", load.run), Some(!first_pass))
             }
         };
         n += 1;
@@ -392,28 +409,58 @@ async fn compare() -> bool {
         println!("DATABASE_URL is not set: PostgresLedger is left out");
         variants.retain(|v| *v != Variant::Postgres);
     }
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        // Bare axum always stays: it is what the others are measured against.
+        let only: Vec<Variant> = only.split(',').filter_map(Variant::parse).collect();
+        variants.retain(|v| *v == Variant::Bare || only.contains(v));
+    }
     println!(
         "compare: {conns} connections, 1 KiB JSON body, {secs} s per measurement after 1 s \
-         warm-up, {rounds} rounds; ratios are to bare axum in the same round"
+         warm-up, {rounds} rounds; each variant runs between two bare-axum runs and its ratio is \
+         to their mean (the machine is shared: this cancels slow drifts in load)"
     );
     let pid = std::process::id();
     let mut all_ok = true;
     for path in [Path::Fresh, Path::Replay] {
         // results[variant][round] = (rps, ratio)
         let mut results = vec![Vec::new(); variants.len()];
+        let mut seq = 0usize;
         for round in 0..rounds {
-            let mut bare = f64::NAN;
+            let mut bare_before = f64::NAN;
             for (i, &variant) in variants.iter().enumerate() {
-                let run = format!("b{pid}_{round}_{i}_{}", path_tag(path));
-                let Some(server) = start(variant, &run).await else {
+                let mut runs = vec![variant];
+                if variant != Variant::Bare {
+                    runs.push(Variant::Bare);
+                }
+                let mut measured = Vec::new();
+                for run_variant in runs {
+                    seq += 1;
+                    let run = format!("b{pid}_{seq}_{}", path_tag(path));
+                    let Some(server) = start(run_variant, &run).await else {
+                        break;
+                    };
+                    let m = measure(&server, run_variant, path, &run, conns, secs).await;
+                    server.stop().await;
+                    if m.unexpected > 0 {
+                        all_ok = false;
+                    }
+                    measured.push(m);
+                }
+                let Some(m) = measured.first() else {
                     continue;
                 };
-                let m = measure(&server, variant, path, &run, conns, secs).await;
-                server.stop().await;
-                if variant == Variant::Bare {
-                    bare = m.rps;
-                }
-                let ratio = m.rps / bare;
+                let ratio = match measured.get(1) {
+                    Some(bare_after) => {
+                        let bare = (bare_before + bare_after.rps) / 2.0;
+                        bare_before = bare_after.rps;
+                        results[0].push((bare_after.rps, 1.0));
+                        m.rps / bare
+                    }
+                    None => {
+                        bare_before = m.rps;
+                        1.0
+                    }
+                };
                 println!(
                     "  {:<6} round {round}  {:<40} {:>9.0} req/s  {:>5.3}x bare  unexpected {:>3}  load {}",
                     path_tag(path),
@@ -423,14 +470,23 @@ async fn compare() -> bool {
                     m.unexpected,
                     m.load
                 );
-                if m.unexpected > 0 {
-                    all_ok = false;
+                if let Some(bare_after) = measured.get(1) {
+                    println!(
+                        "  {:<6} round {round}  {:<40} {:>9.0} req/s  (bare after)              load {}",
+                        path_tag(path),
+                        Variant::Bare.name(),
+                        bare_after.rps,
+                        bare_after.load
+                    );
                 }
                 results[i].push((m.rps, ratio));
             }
         }
-        println!("{} path, median of {rounds} rounds:", path_tag(path));
-        println!("| variant | req/s | × bare axum |");
+        println!(
+            "{} path, median over {rounds} rounds (bare axum: every bare run):",
+            path_tag(path)
+        );
+        println!("| variant | req/s | × bare axum (bracketing runs) |");
         println!("|---|---:|---:|");
         for (i, variant) in variants.iter().enumerate() {
             let mut rps: Vec<f64> = results[i].iter().map(|r| r.0).collect();
@@ -506,7 +562,11 @@ async fn growth() -> bool {
     println!(
         "growth: last window / first window = {:.3} ({}); unexpected responses {unexpected}",
         last / first,
-        if flat { "flat: >= 0.90" } else { "FELL below 0.90" }
+        if flat {
+            "flat: >= 0.90"
+        } else {
+            "FELL below 0.90"
+        }
     );
     unexpected == 0
 }
@@ -522,6 +582,32 @@ async fn main() {
     let ok = match mode.as_str() {
         "compare" => compare().await,
         "growth" => growth().await,
+        // One measurement, for a profiler: `one memory fresh`.
+        "one" => {
+            let arg = |n: usize| std::env::args().nth(n).unwrap_or_default();
+            let variant = Variant::parse(&arg(2))
+                .expect("a variant: bare, memory, sqlite, postgres, axum-idempotent");
+            let path = if arg(3) == "replay" {
+                Path::Replay
+            } else {
+                Path::Fresh
+            };
+            let secs = env_u64("BENCH_SECS", 5);
+            let conns = env_u64("BENCH_CONNS", 32) as usize;
+            let run = format!("o{}", std::process::id());
+            let server = start(variant, &run).await.expect("a server");
+            let m = measure(&server, variant, path, &run, conns, secs).await;
+            server.stop().await;
+            println!(
+                "{} {}: {:.0} req/s, unexpected {}, load {}",
+                variant.name(),
+                path_tag(path),
+                m.rps,
+                m.unexpected,
+                m.load
+            );
+            m.unexpected == 0
+        }
         "all" => compare().await & growth().await,
         other => {
             eprintln!("unknown mode {other:?}: compare, growth or all");
