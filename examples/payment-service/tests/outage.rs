@@ -82,7 +82,10 @@ async fn an_outage_mid_traffic_answers_503_and_recovers_without_double_charges()
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             panic!("DATABASE_URL must be set in CI: the PostgreSQL outage test cannot be skipped");
         }
-        println!("SKIPPED an_outage_mid_traffic_answers_503_and_recovers_without_double_charges");
+        println!(
+            "SKIPPED an_outage_mid_traffic_answers_503_and_recovers_without_double_charges: \
+             DATABASE_URL is not set"
+        );
         return;
     };
     let run = &uuid::Uuid::new_v4().simple().to_string()[..12];
