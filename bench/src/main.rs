@@ -341,8 +341,28 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 struct Measured {
     rps: f64,
+    /// Requests per CPU-second of this process (server and load generator together): unlike
+    /// req/s, it barely moves when other processes take the cores.
+    per_cpu_sec: f64,
     unexpected: u64,
     load: String,
+}
+
+/// User + system CPU time of this process so far, from `/proc/self/stat` (fields 14 and 15).
+fn cpu_time() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // The command name (field 2) may hold spaces; count fields after its closing paren.
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
 }
 
 /// Starts `conns` connections on `server` and measures completed requests over `secs`, after a
@@ -369,16 +389,25 @@ async fn measure(
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let loadavg = loadavg();
-    let (start, t0) = (load.counters.done.load(Ordering::Relaxed), Instant::now());
+    let (start, t0, c0) = (
+        load.counters.done.load(Ordering::Relaxed),
+        Instant::now(),
+        cpu_time(),
+    );
     let unexpected0 = load.counters.unexpected.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (end, t1) = (load.counters.done.load(Ordering::Relaxed), Instant::now());
+    let (end, t1, c1) = (
+        load.counters.done.load(Ordering::Relaxed),
+        Instant::now(),
+        cpu_time(),
+    );
     load.stop.store(true, Ordering::Relaxed);
     for task in tasks {
         let _ = task.await;
     }
     Measured {
         rps: (end - start) as f64 / (t1 - t0).as_secs_f64(),
+        per_cpu_sec: (end - start) as f64 / (c1 - c0).as_secs_f64(),
         unexpected: load.counters.unexpected.load(Ordering::Relaxed) - unexpected0,
         load: loadavg,
     }
@@ -426,7 +455,7 @@ async fn compare() -> bool {
         let mut results = vec![Vec::new(); variants.len()];
         let mut seq = 0usize;
         for round in 0..rounds {
-            let mut bare_before = f64::NAN;
+            let (mut bare_before, mut bare_cpu_before) = (f64::NAN, f64::NAN);
             for (i, &variant) in variants.iter().enumerate() {
                 let mut runs = vec![variant];
                 if variant != Variant::Bare {
@@ -449,53 +478,68 @@ async fn compare() -> bool {
                 let Some(m) = measured.first() else {
                     continue;
                 };
+                let mut cpu_ratio = 1.0;
                 let ratio = match measured.get(1) {
                     Some(bare_after) => {
                         let bare = (bare_before + bare_after.rps) / 2.0;
                         bare_before = bare_after.rps;
-                        results[0].push((bare_after.rps, 1.0));
+                        let bare_cpu = (bare_cpu_before + bare_after.per_cpu_sec) / 2.0;
+                        cpu_ratio = m.per_cpu_sec / bare_cpu;
+                        bare_cpu_before = bare_after.per_cpu_sec;
+                        results[0].push((bare_after.rps, 1.0, bare_after.per_cpu_sec, 1.0));
                         m.rps / bare
                     }
                     None => {
                         bare_before = m.rps;
+                        bare_cpu_before = m.per_cpu_sec;
                         1.0
                     }
                 };
                 println!(
-                    "  {:<6} round {round}  {:<40} {:>9.0} req/s  {:>5.3}x bare  unexpected {:>3}  load {}",
+                    "  {:<6} round {round}  {:<40} {:>9.0} req/s  {:>5.3}x bare  {:>7.0} req/CPU-s  {:>5.3}x bare  unexpected {:>3}  load {}",
                     path_tag(path),
                     variant.name(),
                     m.rps,
                     ratio,
+                    m.per_cpu_sec,
+                    cpu_ratio,
                     m.unexpected,
                     m.load
                 );
                 if let Some(bare_after) = measured.get(1) {
                     println!(
-                        "  {:<6} round {round}  {:<40} {:>9.0} req/s  (bare after)              load {}",
+                        "  {:<6} round {round}  {:<40} {:>9.0} req/s  (bare after)  {:>7.0} req/CPU-s                unexpected {:>3}  load {}",
                         path_tag(path),
                         Variant::Bare.name(),
                         bare_after.rps,
+                        bare_after.per_cpu_sec,
+                        bare_after.unexpected,
                         bare_after.load
                     );
                 }
-                results[i].push((m.rps, ratio));
+                results[i].push((m.rps, ratio, m.per_cpu_sec, cpu_ratio));
             }
         }
         println!(
             "{} path, median over {rounds} rounds (bare axum: every bare run):",
             path_tag(path)
         );
-        println!("| variant | req/s | × bare axum (bracketing runs) |");
-        println!("|---|---:|---:|");
+        println!(
+            "| variant | req/s | × bare (req/s, bracketing runs) | req per CPU-second | × bare (CPU) |"
+        );
+        println!("|---|---:|---:|---:|---:|");
         for (i, variant) in variants.iter().enumerate() {
-            let mut rps: Vec<f64> = results[i].iter().map(|r| r.0).collect();
-            let mut ratio: Vec<f64> = results[i].iter().map(|r| r.1).collect();
+            let column = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+                let mut values: Vec<f64> = results[i].iter().map(f).collect();
+                median(&mut values)
+            };
             println!(
-                "| {} | {:.0} | {:.3} |",
+                "| {} | {:.0} | {:.3} | {:.0} | {:.3} |",
                 variant.name(),
-                median(&mut rps),
-                median(&mut ratio)
+                column(|r| r.0),
+                column(|r| r.1),
+                column(|r| r.2),
+                column(|r| r.3),
             );
         }
     }
@@ -530,20 +574,30 @@ async fn growth() -> bool {
     println!(
         "growth: {conns} connections, unique keys into one MemoryLedger for {secs} s, {window} s windows"
     );
-    println!("| window | req/s | keys stored at end | load avg |");
-    println!("|---|---:|---:|---|");
+    println!("| window | req/s | req per CPU-second | keys stored at end | load avg |");
+    println!("|---|---:|---:|---:|---|");
     let tasks: Vec<_> = (0..conns)
         .map(|c| tokio::spawn(connection(load.clone(), c)))
         .collect();
-    let mut rates = Vec::new();
-    let mut last = (load.counters.done.load(Ordering::Relaxed), Instant::now());
+    let (mut rates, mut cpu_rates) = (Vec::new(), Vec::new());
+    let mut last = (
+        load.counters.done.load(Ordering::Relaxed),
+        Instant::now(),
+        cpu_time(),
+    );
     for w in 0..secs / window {
         tokio::time::sleep(Duration::from_secs(window)).await;
-        let now = (load.counters.done.load(Ordering::Relaxed), Instant::now());
+        let now = (
+            load.counters.done.load(Ordering::Relaxed),
+            Instant::now(),
+            cpu_time(),
+        );
         let rps = (now.0 - last.0) as f64 / (now.1 - last.1).as_secs_f64();
+        let per_cpu = (now.0 - last.0) as f64 / (now.2 - last.2).as_secs_f64();
         rates.push(rps);
+        cpu_rates.push(per_cpu);
         println!(
-            "| {:>3}-{:<3} s | {rps:.0} | {} | {} |",
+            "| {:>3}-{:<3} s | {rps:.0} | {per_cpu:.0} | {} | {} |",
             w * window,
             (w + 1) * window,
             ledger.len(),
@@ -558,15 +612,21 @@ async fn growth() -> bool {
     let unexpected = load.counters.unexpected.load(Ordering::Relaxed);
     server.stop().await;
     let (first, last) = (rates[0], rates[rates.len() - 1]);
-    let flat = last >= 0.90 * first;
-    println!(
-        "growth: last window / first window = {:.3} ({}); unexpected responses {unexpected}",
-        last / first,
-        if flat {
+    let (cpu_first, cpu_last) = (cpu_rates[0], cpu_rates[cpu_rates.len() - 1]);
+    let verdict = |r: f64| {
+        if r >= 0.90 {
             "flat: >= 0.90"
         } else {
             "FELL below 0.90"
         }
+    };
+    println!(
+        "growth: last window / first window = {:.3} req/s ({}), {:.3} req per CPU-second ({}); \
+         unexpected responses {unexpected}",
+        last / first,
+        verdict(last / first),
+        cpu_last / cpu_first,
+        verdict(cpu_last / cpu_first),
     );
     unexpected == 0
 }
