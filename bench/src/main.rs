@@ -7,8 +7,8 @@
 //! round. `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
 //!
 //! ```sh
-//! cargo run --release -- compare   # BENCH_SECS=5 BENCH_ROUNDS=3 BENCH_CONNS=32 [DATABASE_URL=..]
-//!                                   # BENCH_ONLY=memory,sqlite,postgres,axum-idempotent
+//! cargo run --release --ignore-rust-version -- compare   # BENCH_SECS=5 BENCH_ROUNDS=3 BENCH_CONNS=32 [DATABASE_URL=..]
+//!                                   # BENCH_ONLY=memory,sqlite,postgres,axum-idempotent,idempotent
 //! cargo run --release -- growth    # GROWTH_SECS=60 GROWTH_WINDOW=5
 //! cargo run --release -- one memory fresh   # one measurement, for a profiler
 //! cargo run --release              # both
@@ -65,6 +65,7 @@ enum Variant {
     Sqlite,
     Postgres,
     AxumIdempotent,
+    Idempotent2,
 }
 
 impl Variant {
@@ -75,6 +76,7 @@ impl Variant {
             "sqlite" => Variant::Sqlite,
             "postgres" => Variant::Postgres,
             "axum-idempotent" => Variant::AxumIdempotent,
+            "idempotent" => Variant::Idempotent2,
             _ => return None,
         })
     }
@@ -86,6 +88,7 @@ impl Variant {
             Variant::Sqlite => "tower-idempotency SqliteLedger (file)",
             Variant::Postgres => "tower-idempotency PostgresLedger",
             Variant::AxumIdempotent => "axum-idempotent 0.6 (ruts MokaStore)",
+            Variant::Idempotent2 => "idempotent 2.0 (MemoryStore)",
         }
     }
 
@@ -154,6 +157,13 @@ async fn start(variant: Variant, run: &str) -> Option<Server> {
                 .expect("a valid table name");
             ledger.migrate().await.expect("migrate PostgreSQL");
             (layered(ledger.clone()), None, Cleanup::Table(ledger))
+        }
+        Variant::Idempotent2 => {
+            let store = idempotent::store::memory::MemoryStore::builder()
+                .try_build()
+                .expect("idempotent's memory store");
+            let app = payments().layer(idempotent::middleware::IdempotencyLayer::new(store));
+            (app, None, Cleanup::None)
         }
         Variant::AxumIdempotent => {
             use axum_idempotent::{IdempotentLayer, IdempotentOptions};
@@ -433,6 +443,7 @@ async fn compare() -> bool {
         Variant::Sqlite,
         Variant::Postgres,
         Variant::AxumIdempotent,
+        Variant::Idempotent2,
     ];
     if std::env::var("DATABASE_URL").map_or(true, |u| u.is_empty()) {
         println!("DATABASE_URL is not set: PostgresLedger is left out");
