@@ -7,11 +7,12 @@
 //! round. `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
 //!
 //! ```sh
-//! cargo run --release --ignore-rust-version -- compare   # BENCH_SECS=5 BENCH_ROUNDS=3 BENCH_CONNS=32 [DATABASE_URL=..]
-//!                                   # BENCH_ONLY=memory,sqlite,postgres,axum-idempotent,idempotent
-//! cargo run --release -- growth    # GROWTH_SECS=60 GROWTH_WINDOW=5
-//! cargo run --release -- one memory fresh   # one measurement, for a profiler
-//! cargo run --release              # both
+//! # idempotent 2.0 declares rust-version 1.98 and builds on 1.95: hence --ignore-rust-version
+//! cargo run --release --ignore-rust-version -- compare  # BENCH_SECS=5 BENCH_ROUNDS=3
+//! #   BENCH_CONNS=32 BENCH_ONLY=memory,sqlite,postgres,axum-idempotent,idempotent DATABASE_URL=..
+//! cargo run --release --ignore-rust-version -- growth   # GROWTH_SECS=60 GROWTH_WINDOW=5
+//! cargo run --release --ignore-rust-version -- one memory fresh  # one run, for a profiler
+//! cargo run --release --ignore-rust-version                      # compare, then growth
 //! ```
 
 use std::{
