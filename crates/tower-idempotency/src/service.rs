@@ -242,30 +242,7 @@ where
         ),
     };
 
-    // From the first claim on, the request runs in a task of its own: a claim may take effect
-    // in the ledger even if its answer never arrives, so a client disconnect (which drops this
-    // future) must not stop the steps that follow it, or the key would stay claimed, with no
-    // handler running, until its lease expired.
-    let task = tokio::spawn(
-        settle(
-            shared.clone(),
-            inner,
-            parts,
-            body,
-            ledger_key,
-            scope,
-            fingerprint,
-        )
-        .in_current_span(),
-    );
-    match task.await {
-        Ok(result) => result,
-        // Handler panics are caught inside the task; this is the runtime shutting down under it.
-        Err(error) => {
-            tracing::error!(%error, "the idempotent request's task did not finish");
-            Ok(answer(&shared, Outcome::Executed, handler_failed(&shared)))
-        }
-    }
+    settle(shared, inner, parts, body, ledger_key, scope, fingerprint).await
 }
 
 /// Claims the key and acts on the answer: runs the handler, replays, rejects or waits.
@@ -305,39 +282,27 @@ where
             config.lease,
             config.retention,
         );
-        let existing = match telemetry
-            .ledger(ledger.name(), "claim", ledger.claim(&claim))
-            .await
-        {
+        let existing = match GuardedClaim::new(shared.clone(), claim).await {
             Ok(Claim::Acquired(lease)) => {
                 span.record("operation_id", tracing::field::display(lease.operation_id));
                 if lease.taken_over {
                     telemetry.takeover();
                 }
-                let mut parts = parts;
-                let transaction = match &config.transactions {
-                    None => None,
-                    Some(driver) => match telemetry
-                        .ledger(ledger.name(), "begin", driver.begin())
-                        .await
-                    {
-                        Ok(handle) => {
-                            handle.expose(&mut parts.extensions);
-                            Some(handle)
-                        }
-                        Err(error) => {
-                            tracing::warn!(%error, "opening the handler's transaction failed; releasing the key");
-                            release(&shared, &ledger_key, lease.token).await;
-                            return Ok(reject(
-                                &shared,
-                                Outcome::LedgerError,
-                                unavailable(config.retry_after_secs()),
-                            ));
-                        }
-                    },
+                // A task of its own, so that a client disconnect (which drops this future)
+                // cannot stop the handler between its side effects and the record of them.
+                let task = tokio::spawn(
+                    acquired(shared.clone(), inner, parts, body, ledger_key, lease)
+                        .in_current_span(),
+                );
+                return match task.await {
+                    Ok(result) => result,
+                    // Handler panics are caught inside the task; this is the runtime shutting
+                    // down under it.
+                    Err(error) => {
+                        tracing::error!(%error, "the idempotent handler's task did not finish");
+                        Ok(answer(&shared, Outcome::Executed, handler_failed(&shared)))
+                    }
                 };
-                let request = Request::from_parts(parts, ReqBody::from(body));
-                return execute(shared, inner, request, ledger_key, lease, transaction).await;
             }
             Ok(Claim::Existing(existing)) => existing,
             Err(error) => {
@@ -417,6 +382,119 @@ where
     }
 }
 
+type ClaimFuture = Pin<Box<dyn Future<Output = Result<Claim, LedgerError>> + Send>>;
+
+/// A claim whose effect is never stranded. A claim can take effect in the ledger before its
+/// answer arrives; if the request is dropped then (a client disconnect), the claim is finished
+/// in a task and, if it won the key for a caller that is gone, the key is released at once,
+/// rather than left claimed with no handler until its lease expires. A claim that completes
+/// costs one allocation, not a task: replays and conflicts never spawn.
+struct GuardedClaim<L: Ledger> {
+    shared: Arc<Shared<L>>,
+    key: LedgerKey,
+    pending: Option<ClaimFuture>,
+}
+
+impl<L: Ledger> GuardedClaim<L> {
+    fn new(shared: Arc<Shared<L>>, request: ClaimRequest) -> Self {
+        let key = request.key;
+        let owner = shared.clone();
+        let pending: ClaimFuture = Box::pin(
+            async move {
+                let ledger = &owner.ledger;
+                let telemetry = &owner.config.telemetry;
+                telemetry
+                    .ledger(ledger.name(), "claim", ledger.claim(&request))
+                    .await
+            }
+            .in_current_span(),
+        );
+        Self {
+            shared,
+            key,
+            pending: Some(pending),
+        }
+    }
+}
+
+impl<L: Ledger> Future for GuardedClaim<L> {
+    type Output = Result<Claim, LedgerError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Poll::Ready(Err(LedgerError::backend(
+                "a claim was polled after it finished",
+            )));
+        };
+        let claimed = std::task::ready!(pending.as_mut().poll(cx));
+        self.pending = None;
+        Poll::Ready(claimed)
+    }
+}
+
+impl<L: Ledger> Drop for GuardedClaim<L> {
+    fn drop(&mut self) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (shared, key) = (self.shared.clone(), self.key);
+        runtime.spawn(
+            async move {
+                if let Ok(Claim::Acquired(lease)) = pending.await {
+                    tracing::debug!("the client left during its claim; releasing the key");
+                    release(&shared, &key, lease.token).await;
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// The key is ours: open the transaction (in exactly-once mode) and run the handler.
+async fn acquired<S, L, ReqBody, ResBody>(
+    shared: Arc<Shared<L>>,
+    inner: S,
+    mut parts: http::request::Parts,
+    body: Bytes,
+    key: LedgerKey,
+    lease: Lease,
+) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    L: Ledger,
+    ReqBody: From<Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let config = &shared.config;
+    let transaction = match &config.transactions {
+        None => None,
+        Some(driver) => match config
+            .telemetry
+            .ledger(shared.ledger.name(), "begin", driver.begin())
+            .await
+        {
+            Ok(handle) => {
+                handle.expose(&mut parts.extensions);
+                Some(handle)
+            }
+            Err(error) => {
+                tracing::warn!(%error, "opening the handler's transaction failed; releasing the key");
+                release(&shared, &key, lease.token).await;
+                let rejection = unavailable(config.retry_after_secs());
+                return Ok(reject(&shared, Outcome::LedgerError, rejection));
+            }
+        },
+    };
+    let request = Request::from_parts(parts, ReqBody::from(body));
+    execute(shared, inner, request, key, lease, transaction).await
+}
+
 fn unavailable(retry_after: u64) -> Rejection {
     Rejection::new(
         RejectionKind::LedgerUnavailable,
@@ -425,7 +503,7 @@ fn unavailable(retry_after: u64) -> Rejection {
     .retry_after(retry_after)
 }
 
-/// Runs the handler (already in the request's own task) and answers for it.
+/// Runs the handler (already in a task of its own) and answers for it.
 async fn execute<S, L, ReqBody, ResBody>(
     shared: Arc<Shared<L>>,
     inner: S,
