@@ -288,21 +288,13 @@ where
                 if lease.taken_over {
                     telemetry.takeover();
                 }
-                // A task of its own, so that a client disconnect (which drops this future)
-                // cannot stop the handler between its side effects and the record of them.
-                let task = tokio::spawn(
+                // Detached: a client disconnect (which drops this future) cannot stop the
+                // handler between its side effects and the record of them.
+                return Detached::new(
                     acquired(shared.clone(), inner, parts, body, ledger_key, lease)
                         .in_current_span(),
-                );
-                return match task.await {
-                    Ok(result) => result,
-                    // Handler panics are caught inside the task; this is the runtime shutting
-                    // down under it.
-                    Err(error) => {
-                        tracing::error!(%error, "the idempotent handler's task did not finish");
-                        Ok(answer(&shared, Outcome::Executed, handler_failed(&shared)))
-                    }
-                };
+                )
+                .await;
             }
             Ok(Claim::Existing(existing)) => existing,
             Err(error) => {
@@ -453,6 +445,58 @@ impl<L: Ledger> Drop for GuardedClaim<L> {
     }
 }
 
+/// A future that runs to its end even if it is dropped first. Polled in place while its caller
+/// waits (as a bare handler is, with no task spawned and no cross-thread wake-up); if the caller
+/// goes away (a client disconnect drops the request's future), `Drop` moves the rest into a task
+/// of its own. The future is boxed from the start, so moving it after it was polled is sound.
+///
+/// Outside a tokio runtime there is nowhere to move it, and it is dropped; the layer always
+/// runs inside one.
+struct Detached<T: Send + 'static> {
+    pending: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
+}
+
+impl<T: Send + 'static> Detached<T> {
+    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
+        Self {
+            pending: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for Detached<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(pending) = self.pending.as_mut() else {
+            // Polled after it finished: a caller bug. Never finish twice.
+            return Poll::Pending;
+        };
+        let output = std::task::ready!(pending.as_mut().poll(cx));
+        self.pending = None;
+        Poll::Ready(output)
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    // Nobody is waiting for the answer any more; the ledger gets it.
+                    drop(pending.await);
+                });
+            }
+            Err(_) => tracing::error!(
+                "an idempotent handler was dropped outside a tokio runtime and could not finish"
+            ),
+        }
+    }
+}
+
 /// The key is ours: open the transaction (in exactly-once mode) and run the handler.
 async fn acquired<S, L, ReqBody, ResBody>(
     shared: Arc<Shared<L>>,
@@ -503,7 +547,7 @@ fn unavailable(retry_after: u64) -> Rejection {
     .retry_after(retry_after)
 }
 
-/// Runs the handler (already in a task of its own) and answers for it.
+/// Runs the handler (inside a [`Detached`] future) and answers for it.
 async fn execute<S, L, ReqBody, ResBody>(
     shared: Arc<Shared<L>>,
     inner: S,

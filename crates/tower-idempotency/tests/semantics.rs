@@ -502,7 +502,10 @@ async fn the_handler_finishes_after_a_client_disconnect_and_the_retry_is_replaye
         gave_up.is_err(),
         "the client disconnected before the handler finished"
     );
-    finished.notified().await;
+    // Bounded so that a handler cancelled with its client fails the test instead of hanging it.
+    tokio::time::timeout(Duration::from_secs(30), finished.notified())
+        .await
+        .expect("the handler was cancelled when its client left");
     // The completion is recorded right after the handler returns; a retry in that instant gets
     // a 409, so retry as a client would until it gets an answer.
     let mut retry = send(&app, pay("k", BODY)).await;
