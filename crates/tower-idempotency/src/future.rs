@@ -16,7 +16,7 @@ use crate::body::ResponseBody;
 ///
 /// A named type around a boxed future (as axum's `from_fn` does), so the public signature does
 /// not expose the steps inside. Dropping it (a client disconnect) does not cancel a handler that
-/// already started: that runs in a task of its own and records its result.
+/// already started: the rest of it moves into a task of its own and records its result.
 pub struct ResponseFuture<B, E> {
     pub(crate) inner: BoxFuture<'static, Result<Response<ResponseBody<B>>, E>>,
 }

@@ -39,7 +39,8 @@
 //! # How a covered request runs
 //! 1. The key is read and validated; the body is read up to the limit and fingerprinted.
 //! 2. The ledger claims `(scope, key)` in one atomic step with a fresh fencing token.
-//! 3. The winner runs the handler in a task of its own (a client disconnect does not stop it),
+//! 3. The winner runs the handler (if the client disconnects, the rest moves into a task of its
+//!    own rather than stopping),
 //!    renewing its lease every third of the lease; its response is stored with the token (a
 //!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic
 //!    or a failed body, the key is released so that a retry runs again.
