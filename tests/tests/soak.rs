@@ -141,6 +141,9 @@ async fn client(
             0..=3 if !recent.is_empty() => {
                 let i = (rng >> 8) as usize % recent.len();
                 let (key, body, first, sent) = &mut recent[i];
+                // Taken before sending: if this request runs the handler, its record completes
+                // after this instant, so a later re-run proves retention really passed.
+                let sending = Instant::now();
                 match send(&app, &counts, key, body).await {
                     Got::Replayed(bytes) => assert_eq!(&bytes, first, "a replay of {key}"),
                     Got::Executed(bytes) => {
@@ -151,7 +154,7 @@ async fn client(
                             "{key} ran again within retention"
                         );
                         *first = bytes;
-                        *sent = Instant::now();
+                        *sent = sending;
                     }
                     Got::Conflict => panic!("{key} was in progress after it completed"),
                 }
