@@ -520,7 +520,11 @@ pub async fn waiters_see_completion<L: Ledger>(ledger: L) {
         .complete(&first.key, lease.token, &response, LONG)
         .await
         .expect("complete failed");
-    assert_eq!(waiter.await.expect("waiter panicked"), response);
+    // Bounded so that a completion the waiter never sees fails the check instead of hanging it.
+    let seen = tokio::time::timeout(Duration::from_secs(60), waiter)
+        .await
+        .expect("the waiter never saw the completion");
+    assert_eq!(seen.expect("waiter panicked"), response);
 }
 
 /// Expands to one `#[tokio::test]` per conformance check, each given a fresh ledger from
