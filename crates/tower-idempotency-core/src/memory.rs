@@ -101,6 +101,13 @@ fn shard_of(bytes: &[u8], shards: usize) -> usize {
     bytes[bytes.len() - 1] as usize % shards
 }
 
+/// `now + duration`, capped at 100 years (as the SQL ledgers cap it): `Duration::MAX` means
+/// "practically forever", not a panic on overflow.
+fn later(now: Instant, duration: Duration) -> Instant {
+    const CAP: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+    now + duration.min(CAP)
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a shard lock cannot leave a record half-written (every mutation is a
     // single insert, remove or assignment), so a poisoned lock is safe to keep using.
@@ -210,9 +217,9 @@ impl Ledger for MemoryLedger {
                     {
                         entry.state = State::InProgress {
                             token: request.token,
-                            lease_until: now + request.lease,
+                            lease_until: later(now, request.lease),
                         };
-                        entry.expires_at = now + request.retention;
+                        entry.expires_at = later(now, request.retention);
                         entry.notify();
                         Some(Lease {
                             token: request.token,
@@ -243,10 +250,10 @@ impl Ledger for MemoryLedger {
                             scope: request.scope,
                             fingerprint: request.fingerprint,
                             operation_id: request.operation_id,
-                            expires_at: now + request.retention,
+                            expires_at: later(now, request.retention),
                             state: State::InProgress {
                                 token: request.token,
-                                lease_until: now + request.lease,
+                                lease_until: later(now, request.lease),
                             },
                             changed: None,
                         },
@@ -279,7 +286,7 @@ impl Ledger for MemoryLedger {
         self.with_held(key, token, |records, now| {
             if let Some(entry) = records.get_mut(key) {
                 entry.state = State::Completed(response.clone());
-                entry.expires_at = now + retention;
+                entry.expires_at = later(now, retention);
                 entry.notify();
             }
         })
@@ -311,7 +318,7 @@ impl Ledger for MemoryLedger {
                 ..
             }) = records.get_mut(key)
             {
-                *lease_until = now + lease;
+                *lease_until = later(now, lease);
                 *expires_at = (*expires_at).max(*lease_until);
             }
         })
@@ -417,6 +424,31 @@ mod tests {
         let sizes: Vec<usize> = ledger.inner.records.iter().map(|s| lock(s).len()).collect();
         assert!(sizes.iter().all(|&n| n > 50), "uneven shards: {sizes:?}");
         assert_eq!(ledger.len(), 800);
+    }
+
+    #[tokio::test]
+    async fn durations_too_long_for_an_instant_saturate_instead_of_panicking() {
+        let ledger = MemoryLedger::new();
+        let mut r = claim("forever", b"x");
+        (r.lease, r.retention) = (Duration::MAX, Duration::MAX);
+        let Claim::Acquired(lease) = ledger.claim(&r).await.unwrap() else {
+            panic!("expected a fresh claim")
+        };
+        ledger
+            .renew(&r.key, lease.token, Duration::MAX)
+            .await
+            .unwrap();
+        let stored = StoredResponse {
+            status: http::StatusCode::OK,
+            headers: http::HeaderMap::new(),
+            body: bytes::Bytes::new(),
+            body_omitted: false,
+        };
+        ledger
+            .complete(&r.key, lease.token, &stored, Duration::MAX)
+            .await
+            .unwrap();
+        assert_eq!(ledger.purge_expired(10).await.unwrap(), 0);
     }
 
     #[tokio::test(start_paused = true)]

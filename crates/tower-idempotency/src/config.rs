@@ -81,10 +81,16 @@ pub enum ConfigError {
     /// The Wait policy needs a timeout of at least one millisecond.
     #[error("the Wait policy's timeout must be at least 1 ms")]
     ZeroWaitTimeout,
+    /// A duration (the named setting) is longer than 100 years, more than a deadline can hold.
+    #[error("the {0} is longer than 100 years")]
+    DurationTooLong(&'static str),
     /// The operation path must start with `/`, not end with one, and hold only path characters.
     #[error("the operation path {0:?} must start with '/', not end with '/', and be a plain path")]
     InvalidOperationPath(String),
 }
+
+/// The longest lease, retention, wait timeout or `Retry-After` accepted: 100 years.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
 pub(crate) type ScopeFn = Arc<dyn Fn(&Parts) -> Vec<u8> + Send + Sync>;
 pub(crate) type FingerprintFn = Arc<dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync>;
@@ -401,6 +407,20 @@ impl<L> IdempotencyLayerBuilder<L> {
         if c.lease < Duration::from_millis(1) {
             return Err(ConfigError::ZeroLease);
         }
+        let wait = match c.in_progress {
+            InProgress::Wait { timeout } => timeout,
+            _ => Duration::ZERO,
+        };
+        for (setting, duration) in [
+            ("lease", c.lease),
+            ("retention", c.retention),
+            ("wait timeout", wait),
+            ("retry after", c.retry_after),
+        ] {
+            if duration > MAX_DURATION {
+                return Err(ConfigError::DurationTooLong(setting));
+            }
+        }
         if c.retention < c.lease {
             return Err(ConfigError::RetentionShorterThanLease {
                 retention: c.retention,
@@ -487,6 +507,28 @@ mod tests {
                 .build()
                 .is_ok()
         );
+        // "Forever" is not a duration an Instant can hold: refused here, not a panic later.
+        assert_eq!(
+            err(builder().with_in_progress(InProgress::Wait {
+                timeout: Duration::MAX
+            })),
+            Some(ConfigError::DurationTooLong("wait timeout"))
+        );
+        assert_eq!(
+            err(builder().with_retention(Duration::MAX)),
+            Some(ConfigError::DurationTooLong("retention"))
+        );
+        assert_eq!(
+            err(builder()
+                .with_lease(Duration::MAX)
+                .with_retention(Duration::MAX)),
+            Some(ConfigError::DurationTooLong("lease"))
+        );
+        assert_eq!(
+            err(builder().with_retry_after(Duration::MAX)),
+            Some(ConfigError::DurationTooLong("retry after"))
+        );
+        assert!(builder().with_retention(MAX_DURATION).build().is_ok());
     }
 
     #[test]
