@@ -35,8 +35,14 @@ pub struct MemoryLedger {
     inner: Arc<Inner>,
 }
 
+/// One shard of records. Entries are boxed: a table slot is then 40 bytes, not 270, so a shard's
+/// table (sized for the most records it held) costs a seventh of the memory, and growing it under
+/// the shard's lock copies a seventh of the bytes. Measured in docs/benchmarks.md ("MemoryLedger
+/// growth").
+type Records = HashMap<LedgerKey, Box<Entry>, KeyHasher>;
+
 struct Inner {
-    records: Box<[Mutex<HashMap<LedgerKey, Entry, KeyHasher>>]>,
+    records: Box<[Mutex<Records>]>,
     operations: Box<[Mutex<HashMap<OperationId, LedgerKey, KeyHasher>>]>,
 }
 
@@ -141,7 +147,7 @@ impl MemoryLedger {
         self.len() == 0
     }
 
-    fn records(&self, key: &LedgerKey) -> MutexGuard<'_, HashMap<LedgerKey, Entry, KeyHasher>> {
+    fn records(&self, key: &LedgerKey) -> MutexGuard<'_, Records> {
         let shards = &self.inner.records;
         lock(&shards[shard_of(key.as_bytes(), shards.len())])
     }
@@ -163,11 +169,11 @@ impl MemoryLedger {
         &self,
         key: &LedgerKey,
         token: FencingToken,
-        f: impl FnOnce(&mut HashMap<LedgerKey, Entry, KeyHasher>, Instant) -> R,
+        f: impl FnOnce(&mut Records, Instant) -> R,
     ) -> Result<R, LedgerError> {
         let mut records = self.records(key);
         let now = Instant::now();
-        match records.get(key) {
+        match records.get(key).map(|entry| &**entry) {
             Some(Entry {
                 state: State::InProgress { token: held, .. },
                 expires_at,
@@ -246,7 +252,7 @@ impl Ledger for MemoryLedger {
                 None => {
                     records.insert(
                         request.key,
-                        Entry {
+                        Box::new(Entry {
                             scope: request.scope,
                             fingerprint: request.fingerprint,
                             operation_id: request.operation_id,
@@ -256,7 +262,7 @@ impl Ledger for MemoryLedger {
                                 lease_until: later(now, request.lease),
                             },
                             changed: None,
-                        },
+                        }),
                     );
                     Lease {
                         token: request.token,
@@ -316,7 +322,7 @@ impl Ledger for MemoryLedger {
                 state: State::InProgress { lease_until, .. },
                 expires_at,
                 ..
-            }) = records.get_mut(key)
+            }) = records.get_mut(key).map(|entry| &mut **entry)
             {
                 *lease_until = later(now, lease);
                 *expires_at = (*expires_at).max(*lease_until);
