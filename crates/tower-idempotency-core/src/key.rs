@@ -187,13 +187,15 @@ impl LedgerKey {
 
 impl fmt::Debug for LedgerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "LedgerKey({})", self.short())
+        write!(f, "LedgerKey({self})")
     }
 }
 
+/// The same 16 hex digits as [`LedgerKey::short`], written straight to the formatter: a span
+/// field recorded with `tracing::field::display(key)` costs nothing unless a subscriber reads it.
 impl fmt::Display for LedgerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.short())
+        self.0[..8].iter().try_for_each(|b| write!(f, "{b:02x}"))
     }
 }
 
@@ -214,6 +216,24 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ledger_key_displays_as_its_short_form_without_the_raw_key() {
+        let key = IdempotencyKey::parse(b"raw-key-123").unwrap();
+        let ledger_key = LedgerKey::new(b"scope", &key);
+        assert_eq!(ledger_key.to_string(), ledger_key.short());
+        assert_eq!(ledger_key.to_string().len(), 16);
+        assert!(
+            ledger_key
+                .to_string()
+                .chars()
+                .all(|c| c.is_ascii_hexdigit())
+        );
+        assert_eq!(
+            format!("{ledger_key:?}"),
+            format!("LedgerKey({})", ledger_key.short())
+        );
+    }
 
     #[test]
     fn accepts_bare_and_quoted_forms_alike() {

@@ -10,14 +10,14 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures_util::FutureExt;
+use futures_util::{FutureExt, TryFutureExt};
 use http::{HeaderMap, HeaderName, Request, Response, header};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tower_idempotency_core::{
-    BoxError, Claim, ClaimRequest, FencingToken, Fingerprint, IdempotencyKey, KeyError, Lease,
-    Ledger, LedgerError, LedgerKey, RecordState, ScopeDigest,
+    BoxError, Claim, ClaimRequest, Existing, FencingToken, Fingerprint, IdempotencyKey, KeyError,
+    Ledger, LedgerError, LedgerKey, RecordState, ScopeDigest, StoredResponse,
 };
 use tower_service::Service;
 use tracing::{Instrument, field::Empty};
@@ -26,7 +26,7 @@ use crate::{
     Outcome,
     body::ResponseBody,
     config::{InProgress, LedgerFailure, MissingKey},
-    future::ResponseFuture,
+    future::{Phase, ResponseFuture},
     layer::Shared,
     problem::{Rejection, RejectionKind, render},
     response::{replay, to_stored},
@@ -93,9 +93,9 @@ where
         let shared = self.shared.clone();
         if !shared.config.covers(request.method()) {
             let response = inner.call(request);
-            return ResponseFuture {
-                inner: Box::pin(async move { Ok(response.await?.map(ResponseBody::stream)) }),
-            };
+            return ResponseFuture::cancellable(Box::pin(async move {
+                Ok(response.await?.map(ResponseBody::stream))
+            }));
         }
         let span = tracing::info_span!(
             "idempotency",
@@ -107,9 +107,12 @@ where
             lease_ms = shared.config.lease.as_millis() as i64,
             takeover = Empty,
         );
-        ResponseFuture {
-            inner: Box::pin(handle(shared, inner, request).instrument(span)),
-        }
+        let phase = Phase::new();
+        let (parts, body) = request.into_parts();
+        ResponseFuture::detachable(
+            Box::pin(handle(shared, inner, parts, body, phase.clone()).instrument(span)),
+            phase,
+        )
     }
 }
 
@@ -158,11 +161,24 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-async fn handle<S, L, ReqBody, ResBody>(
+/// One covered request, from its key to its answer.
+///
+/// A plain function returning one `async move` block, not a chain of `async fn`s: each
+/// `async fn` keeps a second copy of its arguments in its state, and each nested one adds its
+/// own, so the chain this replaces made a 6 KB future per request, allocated and copied every
+/// time. Rare paths (a bypass, a ledger failure, waiting, a failed handler) box their own
+/// futures so that they cost nothing here. The size is measured in docs/benchmarks.md.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice (see above)"
+)]
+fn handle<S, L, ReqBody, ResBody>(
     shared: Arc<Shared<L>>,
     mut inner: S,
-    request: Request<ReqBody>,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+    mut parts: http::request::Parts,
+    body: ReqBody,
+    phase: Phase,
+) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -174,369 +190,295 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let config = &shared.config;
-    let key = match read_key(request.headers(), &config.header) {
-        Ok(Some(key)) => key,
-        Ok(None) if config.missing_key == MissingKey::Allow => {
-            let response = inner.call(request).await?;
-            return Ok(answer(
-                &shared,
-                Outcome::Bypassed,
-                response.map(ResponseBody::stream),
-            ));
-        }
-        Ok(None) => {
-            let detail = format!("send a unique `{}` header with this request", config.header);
-            return Ok(reject(
-                &shared,
-                Outcome::Rejected,
-                Rejection::new(RejectionKind::MissingKey, detail),
-            ));
-        }
-        Err(error) => {
-            return Ok(reject(
-                &shared,
-                Outcome::Rejected,
-                Rejection::new(RejectionKind::InvalidKey, error.to_string()),
-            ));
-        }
-    };
+    async move {
+        let config = &shared.config;
+        let key = match read_key(&parts.headers, &config.header) {
+            Ok(Some(key)) => key,
+            Ok(None) if config.missing_key == MissingKey::Allow => {
+                let request = Request::from_parts(parts, body);
+                let response = Box::pin(inner.call(request)).await?;
+                return Ok(answer(
+                    &shared,
+                    Outcome::Bypassed,
+                    response.map(ResponseBody::stream),
+                ));
+            }
+            Ok(None) => {
+                let detail = format!("send a unique `{}` header with this request", config.header);
+                return Ok(reject(
+                    &shared,
+                    Outcome::Rejected,
+                    Rejection::new(RejectionKind::MissingKey, detail),
+                ));
+            }
+            Err(error) => {
+                return Ok(reject(
+                    &shared,
+                    Outcome::Rejected,
+                    Rejection::new(RejectionKind::InvalidKey, error.to_string()),
+                ));
+            }
+        };
 
-    let (parts, body) = request.into_parts();
-    let limit = config.body_limit;
-    let too_large = || {
-        let detail = format!("the request body is larger than {limit} bytes");
-        Rejection::new(RejectionKind::PayloadTooLarge, detail)
-    };
-    if content_length(&parts.headers).is_some_and(|n| n > limit as u64)
-        || body.size_hint().lower() > limit as u64
-    {
-        return Ok(reject(&shared, Outcome::Rejected, too_large()));
-    }
-    let body = match Limited::new(body, limit).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+        let limit = config.body_limit;
+        let too_large = || {
+            let detail = format!("the request body is larger than {limit} bytes");
+            Rejection::new(RejectionKind::PayloadTooLarge, detail)
+        };
+        if content_length(&parts.headers).is_some_and(|n| n > limit as u64)
+            || body.size_hint().lower() > limit as u64
+        {
             return Ok(reject(&shared, Outcome::Rejected, too_large()));
         }
-        Err(_) => {
-            let rejection = Rejection::new(
-                RejectionKind::BodyUnreadable,
-                "the request body could not be read",
-            );
-            return Ok(reject(&shared, Outcome::Rejected, rejection));
-        }
-    };
-
-    let scope = config.scope_of(&parts);
-    let ledger_key = LedgerKey::new(&scope, &key);
-    let scope = ScopeDigest::new(&scope);
-    let span = tracing::Span::current();
-    span.record("key", ledger_key.short());
-    let fingerprint = match &config.fingerprint {
-        Some(custom) => custom(&parts, &body),
-        None => Fingerprint::of_request(
-            &parts,
-            &config.fingerprint_headers,
-            &body,
-            config.canonical_json,
-        ),
-    };
-
-    settle(shared, inner, parts, body, ledger_key, scope, fingerprint).await
-}
-
-/// Claims the key and acts on the answer: runs the handler, replays, rejects or waits.
-#[allow(clippy::too_many_arguments)]
-async fn settle<S, L, ReqBody, ResBody>(
-    shared: Arc<Shared<L>>,
-    mut inner: S,
-    parts: http::request::Parts,
-    body: Bytes,
-    ledger_key: LedgerKey,
-    scope: ScopeDigest,
-    fingerprint: Fingerprint,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    L: Ledger,
-    ReqBody: Body + From<Bytes> + Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    let config = &shared.config;
-    let span = tracing::Span::current();
-    let ledger = &shared.ledger;
-    let telemetry = &config.telemetry;
-    let deadline = match config.in_progress {
-        InProgress::Wait { timeout } => Some(Instant::now() + timeout),
-        _ => None,
-    };
-    let mut waited = false;
-    loop {
-        let claim = ClaimRequest::new(
-            ledger_key,
-            scope,
-            fingerprint,
-            config.lease,
-            config.retention,
-        );
-        let existing = match GuardedClaim::new(shared.clone(), claim).await {
-            Ok(Claim::Acquired(lease)) => {
-                span.record("operation_id", tracing::field::display(lease.operation_id));
-                if lease.taken_over {
-                    telemetry.takeover();
-                }
-                // Detached: a client disconnect (which drops this future) cannot stop the
-                // handler between its side effects and the record of them.
-                return Detached::new(
-                    acquired(shared.clone(), inner, parts, body, ledger_key, lease)
-                        .in_current_span(),
-                )
-                .await;
+        let body = match Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
+                return Ok(reject(&shared, Outcome::Rejected, too_large()));
             }
-            Ok(Claim::Existing(existing)) => existing,
-            Err(error) => {
-                tracing::warn!(%error, error.source = ?std::error::Error::source(&error), "idempotency ledger claim failed");
-                return match config.ledger_failure {
-                    LedgerFailure::FailOpen => {
-                        let request = Request::from_parts(parts, ReqBody::from(body));
-                        let response = inner.call(request).await?;
-                        Ok(answer(
-                            &shared,
-                            Outcome::LedgerError,
-                            response.map(ResponseBody::stream),
-                        ))
-                    }
-                    LedgerFailure::FailClosed => Ok(reject(
-                        &shared,
-                        Outcome::LedgerError,
-                        unavailable(config.retry_after_secs()),
-                    )),
-                };
+            Err(_) => {
+                let rejection = Rejection::new(
+                    RejectionKind::BodyUnreadable,
+                    "the request body could not be read",
+                );
+                return Ok(reject(&shared, Outcome::Rejected, rejection));
             }
         };
-        span.record(
-            "operation_id",
-            tracing::field::display(existing.operation_id),
-        );
-        if existing.fingerprint != fingerprint {
-            let rejection = Rejection::new(
-                RejectionKind::KeyReused,
-                "this idempotency key was already used with a different request",
+
+        let scope = config.scope_of(&parts);
+        let ledger_key = LedgerKey::new(&scope, &key);
+        let scope = ScopeDigest::new(&scope);
+        let span = tracing::Span::current();
+        span.record("key", tracing::field::display(&ledger_key));
+        let fingerprint = match &config.fingerprint {
+            Some(custom) => custom(&parts, &body),
+            None => Fingerprint::of_request(
+                &parts,
+                &config.fingerprint_headers,
+                &body,
+                config.canonical_json,
+            ),
+        };
+
+        let ledger = &shared.ledger;
+        let telemetry = &config.telemetry;
+        let deadline = match config.in_progress {
+            InProgress::Wait { timeout } => Some(Instant::now() + timeout),
+            _ => None,
+        };
+        let mut waited = false;
+        let lease = loop {
+            let claim = ClaimRequest::new(
+                ledger_key,
+                scope,
+                fingerprint,
+                config.lease,
+                config.retention,
             );
-            return Ok(reject(&shared, Outcome::Mismatch, rejection));
-        }
-        if let RecordState::Completed(stored) = existing.state {
-            let outcome = if waited {
-                Outcome::Waited
-            } else {
-                Outcome::Replayed
+            // From here until the claim's answer, a client disconnect does not cancel this
+            // future: the claim can take effect before its answer arrives (see `Phase`).
+            phase.claiming();
+            let claimed = telemetry
+                .ledger(ledger.name(), "claim", ledger.claim(&claim))
+                .await;
+            if phase.detached() {
+                // The client left while the claim was answered: give back a key won for nobody,
+                // rather than leave it claimed with no handler until its lease expires.
+                if let Ok(Claim::Acquired(lease)) = claimed {
+                    tracing::debug!("the client left during its claim; releasing the key");
+                    Box::pin(release(&shared, &ledger_key, lease.token)).await;
+                }
+                return Ok(handler_failed(&shared));
+            }
+            let existing = match claimed {
+                Ok(Claim::Acquired(lease)) => break lease,
+                Ok(Claim::Existing(existing)) => existing,
+                Err(error) => {
+                    phase.idle();
+                    let request = Request::from_parts(parts, ReqBody::from(body));
+                    return Box::pin(ledger_failed(&shared, inner, request, error)).await;
+                }
             };
-            return Ok(answer(&shared, outcome, replay(stored)));
+            phase.idle();
+            span.record(
+                "operation_id",
+                tracing::field::display(existing.operation_id),
+            );
+            match settle_existing(&shared, existing, fingerprint, waited, deadline) {
+                Ok(response) => return Ok(response),
+                Err(deadline) => {
+                    waited = true;
+                    let now = Instant::now();
+                    let wait = ledger.wait_for_change(&ledger_key, deadline - now);
+                    Box::pin(telemetry.ledger(ledger.name(), "wait", wait)).await;
+                }
+            }
+        };
+
+        // The key is ours. Until its result is recorded, a disconnect no longer cancels the
+        // request: the handler runs between its side effects and the record of them.
+        phase.running();
+        span.record("operation_id", tracing::field::display(lease.operation_id));
+        if lease.taken_over {
+            telemetry.takeover();
         }
-        let in_progress = || {
-            Rejection::new(
-                RejectionKind::InProgress,
-                "a request with this idempotency key is still being processed",
+        let token = lease.token;
+        let transaction = match &config.transactions {
+            None => None,
+            Some(driver) => {
+                match Box::pin(telemetry.ledger(ledger.name(), "begin", driver.begin())).await {
+                    Ok(handle) => {
+                        handle.expose(&mut parts.extensions);
+                        Some(handle)
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "opening the handler's transaction failed; releasing the key");
+                        Box::pin(release(&shared, &ledger_key, token)).await;
+                        let rejection = unavailable(config.retry_after_secs());
+                        return Ok(reject(&shared, Outcome::LedgerError, rejection));
+                    }
+                }
+            }
+        };
+
+        // The handler and the reading of its body, as combinators rather than an async block,
+        // so that the handler's future is held once, in place; scoped, so that it and its
+        // outcome take no room in this future's state past this point.
+        let (parts, collected) = {
+            let store_limit = config.store_limit;
+            let request = Request::from_parts(parts, ReqBody::from(body));
+            let mut handler = std::pin::pin!(
+                AssertUnwindSafe(inner.call(request).map_ok(Response::into_parts).and_then(
+                    move |(parts, body)| {
+                        collect(body, store_limit).map(move |collected| Ok((parts, collected)))
+                    }
+                ))
+                .catch_unwind()
+            );
+            match renewing(&shared, &ledger_key, token, handler.as_mut()).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(error)) => {
+                    Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;
+                    return Err(error);
+                }
+                Err(_panic) => {
+                    tracing::error!("the idempotent handler panicked; releasing its key");
+                    Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;
+                    return Ok(answer(&shared, Outcome::Executed, handler_failed(&shared)));
+                }
+            }
+        };
+        let (body, stored_body, omitted) = match collected {
+            Collected::Full(body) => (ResponseBody::full(body.clone()), body, false),
+            Collected::Over(read, rest) => {
+                (ResponseBody::over_limit(read, rest), Bytes::new(), true)
+            }
+            Collected::Failed(error) => {
+                tracing::error!(%error, "the idempotent handler's response body failed; releasing its key");
+                Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;
+                return Ok(answer(&shared, Outcome::Executed, handler_failed(&shared)));
+            }
+        };
+        if !config.should_store(parts.status) {
+            Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;
+            let response = Response::from_parts(parts, body);
+            return Ok(answer(&shared, Outcome::Executed, response));
+        }
+        let stored = to_stored(&parts, stored_body, omitted, &config.deny_headers);
+        let response = Response::from_parts(parts, body);
+        match transaction {
+            None => {
+                complete(&shared, &ledger_key, token, &stored).await;
+                Ok(answer(&shared, Outcome::Executed, response))
+            }
+            Some(transaction) => Ok(Box::pin(commit(
+                &shared,
+                &ledger_key,
+                token,
+                &stored,
+                transaction,
+                response,
+            ))
+            .await),
+        }
+    }
+}
+
+/// The answer to a claim that found a record: a mismatch, a replay or an in-progress answer;
+/// or, under the `Wait` policy before its deadline, `Err(deadline)`: wait, then claim again.
+fn settle_existing<B>(
+    shared: &Shared<impl Ledger>,
+    existing: Existing,
+    fingerprint: Fingerprint,
+    waited: bool,
+    deadline: Option<Instant>,
+) -> Result<Response<ResponseBody<B>>, Instant> {
+    let config = &shared.config;
+    if existing.fingerprint != fingerprint {
+        let rejection = Rejection::new(
+            RejectionKind::KeyReused,
+            "this idempotency key was already used with a different request",
+        );
+        return Ok(reject(shared, Outcome::Mismatch, rejection));
+    }
+    if let RecordState::Completed(stored) = existing.state {
+        let outcome = if waited {
+            Outcome::Waited
+        } else {
+            Outcome::Replayed
+        };
+        return Ok(answer(shared, outcome, replay(stored)));
+    }
+    let in_progress = || {
+        Rejection::new(
+            RejectionKind::InProgress,
+            "a request with this idempotency key is still being processed",
+        )
+        .retry_after(config.retry_after_secs())
+        .operation(existing.operation_id, None)
+    };
+    match (config.in_progress, deadline) {
+        (InProgress::Accepted, _) => {
+            let location = format!("{}/{}", config.operation_path, existing.operation_id);
+            let rejection = Rejection::new(
+                RejectionKind::Accepted,
+                "the request is being processed; poll the Location for its result",
             )
             .retry_after(config.retry_after_secs())
-            .operation(existing.operation_id, None)
-        };
-        match (config.in_progress, deadline) {
-            (InProgress::Accepted, _) => {
-                let location = format!("{}/{}", config.operation_path, existing.operation_id);
-                let rejection = Rejection::new(
-                    RejectionKind::Accepted,
-                    "the request is being processed; poll the Location for its result",
-                )
-                .retry_after(config.retry_after_secs())
-                .operation(existing.operation_id, Some(location));
-                return Ok(reject(&shared, Outcome::Accepted, rejection));
-            }
-            (InProgress::Wait { .. }, Some(deadline)) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    return Ok(reject(&shared, Outcome::Conflict, in_progress()));
-                }
-                waited = true;
-                telemetry
-                    .ledger(
-                        ledger.name(),
-                        "wait",
-                        ledger.wait_for_change(&ledger_key, deadline - now),
-                    )
-                    .await;
-            }
-            _ => return Ok(reject(&shared, Outcome::Conflict, in_progress())),
+            .operation(existing.operation_id, Some(location));
+            Ok(reject(shared, Outcome::Accepted, rejection))
         }
+        (InProgress::Wait { .. }, Some(deadline)) if Instant::now() < deadline => Err(deadline),
+        _ => Ok(reject(shared, Outcome::Conflict, in_progress())),
     }
 }
 
-type ClaimFuture = Pin<Box<dyn Future<Output = Result<Claim, LedgerError>> + Send>>;
-
-/// A claim whose effect is never stranded. A claim can take effect in the ledger before its
-/// answer arrives; if the request is dropped then (a client disconnect), the claim is finished
-/// in a task and, if it won the key for a caller that is gone, the key is released at once,
-/// rather than left claimed with no handler until its lease expires. A claim that completes
-/// costs one allocation, not a task: replays and conflicts never spawn.
-struct GuardedClaim<L: Ledger> {
-    shared: Arc<Shared<L>>,
-    key: LedgerKey,
-    pending: Option<ClaimFuture>,
-}
-
-impl<L: Ledger> GuardedClaim<L> {
-    fn new(shared: Arc<Shared<L>>, request: ClaimRequest) -> Self {
-        let key = request.key;
-        let owner = shared.clone();
-        let pending: ClaimFuture = Box::pin(
-            async move {
-                let ledger = &owner.ledger;
-                let telemetry = &owner.config.telemetry;
-                telemetry
-                    .ledger(ledger.name(), "claim", ledger.claim(&request))
-                    .await
-            }
-            .in_current_span(),
-        );
-        Self {
-            shared,
-            key,
-            pending: Some(pending),
-        }
-    }
-}
-
-impl<L: Ledger> Future for GuardedClaim<L> {
-    type Output = Result<Claim, LedgerError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(pending) = self.pending.as_mut() else {
-            return Poll::Ready(Err(LedgerError::backend(
-                "a claim was polled after it finished",
-            )));
-        };
-        let claimed = std::task::ready!(pending.as_mut().poll(cx));
-        self.pending = None;
-        Poll::Ready(claimed)
-    }
-}
-
-impl<L: Ledger> Drop for GuardedClaim<L> {
-    fn drop(&mut self) {
-        let Some(pending) = self.pending.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (shared, key) = (self.shared.clone(), self.key);
-        runtime.spawn(
-            async move {
-                if let Ok(Claim::Acquired(lease)) = pending.await {
-                    tracing::debug!("the client left during its claim; releasing the key");
-                    release(&shared, &key, lease.token).await;
-                }
-            }
-            .in_current_span(),
-        );
-    }
-}
-
-/// A future that runs to its end even if it is dropped first. Polled in place while its caller
-/// waits (as a bare handler is, with no task spawned and no cross-thread wake-up); if the caller
-/// goes away (a client disconnect drops the request's future), `Drop` moves the rest into a task
-/// of its own. The future is boxed from the start, so moving it after it was polled is sound.
-///
-/// Outside a tokio runtime there is nowhere to move it, and it is dropped; the layer always
-/// runs inside one.
-struct Detached<T: Send + 'static> {
-    pending: Option<Pin<Box<dyn Future<Output = T> + Send>>>,
-}
-
-impl<T: Send + 'static> Detached<T> {
-    fn new(future: impl Future<Output = T> + Send + 'static) -> Self {
-        Self {
-            pending: Some(Box::pin(future)),
-        }
-    }
-}
-
-impl<T: Send + 'static> Future for Detached<T> {
-    type Output = T;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let Some(pending) = self.pending.as_mut() else {
-            // Polled after it finished: a caller bug. Never finish twice.
-            return Poll::Pending;
-        };
-        let output = std::task::ready!(pending.as_mut().poll(cx));
-        self.pending = None;
-        Poll::Ready(output)
-    }
-}
-
-impl<T: Send + 'static> Drop for Detached<T> {
-    fn drop(&mut self) {
-        let Some(pending) = self.pending.take() else {
-            return;
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    // Nobody is waiting for the answer any more; the ledger gets it.
-                    drop(pending.await);
-                });
-            }
-            Err(_) => tracing::error!(
-                "an idempotent handler was dropped outside a tokio runtime and could not finish"
-            ),
-        }
-    }
-}
-
-/// The key is ours: open the transaction (in exactly-once mode) and run the handler.
-async fn acquired<S, L, ReqBody, ResBody>(
-    shared: Arc<Shared<L>>,
-    inner: S,
-    mut parts: http::request::Parts,
-    body: Bytes,
-    key: LedgerKey,
-    lease: Lease,
+/// The claim failed: fail open (run the handler unguarded) or closed (503), as configured.
+async fn ledger_failed<S, L, ReqBody, ResBody>(
+    shared: &Shared<L>,
+    mut inner: S,
+    request: Request<ReqBody>,
+    error: LedgerError,
 ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     L: Ledger,
-    ReqBody: From<Bytes> + Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
 {
-    let config = &shared.config;
-    let transaction = match &config.transactions {
-        None => None,
-        Some(driver) => match config
-            .telemetry
-            .ledger(shared.ledger.name(), "begin", driver.begin())
-            .await
-        {
-            Ok(handle) => {
-                handle.expose(&mut parts.extensions);
-                Some(handle)
-            }
-            Err(error) => {
-                tracing::warn!(%error, "opening the handler's transaction failed; releasing the key");
-                release(&shared, &key, lease.token).await;
-                let rejection = unavailable(config.retry_after_secs());
-                return Ok(reject(&shared, Outcome::LedgerError, rejection));
-            }
-        },
-    };
-    let request = Request::from_parts(parts, ReqBody::from(body));
-    execute(shared, inner, request, key, lease, transaction).await
+    tracing::warn!(%error, error.source = ?std::error::Error::source(&error), "idempotency ledger claim failed");
+    match shared.config.ledger_failure {
+        LedgerFailure::FailOpen => {
+            let response = inner.call(request).await?;
+            Ok(answer(
+                shared,
+                Outcome::LedgerError,
+                response.map(ResponseBody::stream),
+            ))
+        }
+        LedgerFailure::FailClosed => Ok(reject(
+            shared,
+            Outcome::LedgerError,
+            unavailable(shared.config.retry_after_secs()),
+        )),
+    }
 }
 
 fn unavailable(retry_after: u64) -> Rejection {
@@ -545,40 +487,6 @@ fn unavailable(retry_after: u64) -> Rejection {
         "the idempotency ledger is unavailable; the request was not processed",
     )
     .retry_after(retry_after)
-}
-
-/// Runs the handler (inside a [`Detached`] future) and answers for it.
-async fn execute<S, L, ReqBody, ResBody>(
-    shared: Arc<Shared<L>>,
-    inner: S,
-    request: Request<ReqBody>,
-    key: LedgerKey,
-    lease: Lease,
-    transaction: Option<Box<dyn TxHandle>>,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    L: Ledger,
-    ReqBody: Send + 'static,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    let response = run_handler(
-        shared.clone(),
-        inner,
-        request,
-        key,
-        lease.token,
-        transaction,
-    )
-    .await?;
-    if response.extensions().get::<Outcome>().is_some() {
-        // run_handler already answered for itself (a lease lost in transactional mode).
-        return Ok(response);
-    }
-    Ok(answer(&shared, Outcome::Executed, response))
 }
 
 fn handler_failed<B>(shared: &Shared<impl Ledger>) -> Response<ResponseBody<B>> {
@@ -643,73 +551,28 @@ where
     }
 }
 
-async fn run_handler<S, L, ReqBody, ResBody>(
-    shared: Arc<Shared<L>>,
-    mut inner: S,
-    request: Request<ReqBody>,
-    key: LedgerKey,
+/// Exactly-once mode: commits the handler's transaction with the ledger's completion in it.
+async fn commit<L: Ledger, B>(
+    shared: &Shared<L>,
+    key: &LedgerKey,
     token: FencingToken,
-    transaction: Option<Box<dyn TxHandle>>,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    L: Ledger,
-    ResBody: Body<Data = Bytes> + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
+    stored: &StoredResponse,
+    transaction: Box<dyn TxHandle>,
+    response: Response<ResponseBody<B>>,
+) -> Response<ResponseBody<B>> {
     let config = &shared.config;
-    let store_limit = config.store_limit;
-    let handler = AssertUnwindSafe(async move {
-        let (parts, body) = inner.call(request).await?.into_parts();
-        Ok::<_, S::Error>((parts, collect(body, store_limit).await))
-    })
-    .catch_unwind();
-    let outcome = renewing(&shared, &key, token, handler).await;
-
-    let (parts, collected) = match outcome {
-        Ok(Ok(response)) => response,
-        Ok(Err(error)) => {
-            abandon(&shared, &key, token, transaction).await;
-            return Err(error);
-        }
-        Err(_panic) => {
-            tracing::error!("the idempotent handler panicked; releasing its key");
-            abandon(&shared, &key, token, transaction).await;
-            return Ok(handler_failed(&shared));
-        }
-    };
-    let (body, stored_body, omitted) = match collected {
-        Collected::Full(body) => (ResponseBody::full(body.clone()), body, false),
-        Collected::Over(read, rest) => (ResponseBody::over_limit(read, rest), Bytes::new(), true),
-        Collected::Failed(error) => {
-            tracing::error!(%error, "the idempotent handler's response body failed; releasing its key");
-            abandon(&shared, &key, token, transaction).await;
-            return Ok(handler_failed(&shared));
-        }
-    };
-    if !config.should_store(parts.status) {
-        abandon(&shared, &key, token, transaction).await;
-        return Ok(Response::from_parts(parts, body));
-    }
-    let stored = to_stored(&parts, stored_body, omitted, &config.deny_headers);
-    let Some(transaction) = transaction else {
-        complete(&shared, &key, token, stored).await;
-        return Ok(Response::from_parts(parts, body));
-    };
-    let bytes = stored.stored_len();
     let committed = config
         .telemetry
         .ledger(
             shared.ledger.name(),
             "complete",
-            transaction.commit(&key, token, &stored, config.retention),
+            transaction.commit(key, token, stored, config.retention),
         )
         .await;
     match committed {
         Ok(()) => {
-            config.telemetry.stored(bytes);
-            Ok(Response::from_parts(parts, body))
+            config.telemetry.stored(stored.stored_len());
+            answer(shared, Outcome::Executed, response)
         }
         Err(TxError::LeaseLost) => {
             // The handler's writes were rolled back with the transaction, so its response must
@@ -722,21 +585,21 @@ where
                 "this request was taken over by a retry; its writes were rolled back",
             )
             .retry_after(config.retry_after_secs());
-            Ok(reject(&shared, Outcome::Conflict, rejection))
+            reject(shared, Outcome::Conflict, rejection)
         }
         Err(TxError::StillHeld) => {
             tracing::error!("the handler kept its LedgerTx past its return; rolling back");
-            release(&shared, &key, token).await;
-            Ok(handler_failed(&shared))
+            release(shared, key, token).await;
+            answer(shared, Outcome::Executed, handler_failed(shared))
         }
         Err(TxError::Ledger(error)) => {
             tracing::error!(%error, "committing the handler's transaction failed; nothing was written");
-            release(&shared, &key, token).await;
-            Ok(reject(
-                &shared,
+            release(shared, key, token).await;
+            reject(
+                shared,
                 Outcome::LedgerError,
                 unavailable(config.retry_after_secs()),
-            ))
+            )
         }
     }
 }
@@ -756,86 +619,124 @@ async fn abandon<L: Ledger>(
 
 /// Drives `handler` while renewing the lease every third of its length, concurrently, so a slow
 /// handler keeps its key and a slow ledger does not stall the handler.
+///
+/// The handler is borrowed, pinned in its caller's state, rather than moved in (which would
+/// hold it twice). Most handlers of a fast service finish at their first poll and need no
+/// renewal timer: one is set up, boxed, only if the handler is still running after it.
+/// Registering a timer costs a timer-wheel entry and often a wake-up of the runtime's driver
+/// (an eventfd write, and on a multi-threaded runtime a cross-thread unpark).
 async fn renewing<L: Ledger, F: Future>(
     shared: &Shared<L>,
     key: &LedgerKey,
     token: FencingToken,
-    handler: F,
+    mut handler: Pin<&mut F>,
 ) -> F::Output {
+    let mut renewals: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = handler.as_mut().poll(cx) {
+            return Poll::Ready(output);
+        }
+        let renewals = renewals.get_or_insert_with(|| Box::pin(renew(shared, key, token)));
+        // `renew` never finishes: it renews until the handler does, or stops at a lost lease.
+        let _ = renewals.as_mut().poll(cx);
+        Poll::Pending
+    })
+    .await
+}
+
+/// Renews the lease every third of its length, forever; after a lost lease, waits forever.
+async fn renew<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, token: FencingToken) {
     let (ledger, config) = (&shared.ledger, &shared.config);
     let period = config.lease / 3;
-    let renewals = async {
-        let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match config
-                .telemetry
-                .ledger(
-                    ledger.name(),
-                    "renew",
-                    ledger.renew(key, token, config.lease),
-                )
-                .await
-            {
-                Ok(()) => {}
-                Err(LedgerError::LeaseLost) => {
-                    tracing::warn!(
-                        "the lease was taken over while the handler ran; its result will not be stored"
-                    );
-                    return std::future::pending().await;
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "renewing the idempotency lease failed; retrying")
-                }
+    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match config
+            .telemetry
+            .ledger(
+                ledger.name(),
+                "renew",
+                ledger.renew(key, token, config.lease),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(LedgerError::LeaseLost) => {
+                tracing::warn!(
+                    "the lease was taken over while the handler ran; its result will not be stored"
+                );
+                return std::future::pending().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "renewing the idempotency lease failed; retrying")
             }
         }
-    };
-    tokio::select! {
-        output = handler => output,
-        never = renewals => never,
     }
 }
 
+/// Records the handler's response: one attempt here, and only if it fails with a ledger error,
+/// two more with a backoff (boxed, so the retry loop costs the usual path nothing).
 async fn complete<L: Ledger>(
     shared: &Shared<L>,
     key: &LedgerKey,
     token: FencingToken,
-    stored: tower_idempotency_core::StoredResponse,
+    stored: &StoredResponse,
 ) {
     let (ledger, config) = (&shared.ledger, &shared.config);
-    let bytes = stored.stored_len();
+    let first = config
+        .telemetry
+        .ledger(
+            ledger.name(),
+            "complete",
+            ledger.complete(key, token, stored, config.retention),
+        )
+        .await;
+    match first {
+        Ok(()) => config.telemetry.stored(stored.stored_len()),
+        Err(LedgerError::LeaseLost) => lease_lost_before_storing(),
+        Err(error) => Box::pin(complete_retrying(shared, key, token, stored, error)).await,
+    }
+}
+
+fn lease_lost_before_storing() {
+    tracing::warn!(
+        "the lease was taken over before the response was stored; the newer holder's result stands"
+    );
+}
+
+async fn complete_retrying<L: Ledger>(
+    shared: &Shared<L>,
+    key: &LedgerKey,
+    token: FencingToken,
+    stored: &StoredResponse,
+    first: LedgerError,
+) {
+    let (ledger, config) = (&shared.ledger, &shared.config);
+    let mut error = first;
     let mut backoff = Duration::from_millis(50);
-    for attempt in 1..=3 {
+    for attempt in 2..=3 {
+        tracing::warn!(%error, attempt = attempt - 1, "storing the idempotent response failed; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff *= 2;
         match config
             .telemetry
             .ledger(
                 ledger.name(),
                 "complete",
-                ledger.complete(key, token, &stored, config.retention),
+                ledger.complete(key, token, stored, config.retention),
             )
             .await
         {
             Ok(()) => {
-                config.telemetry.stored(bytes);
+                config.telemetry.stored(stored.stored_len());
                 return;
             }
-            Err(LedgerError::LeaseLost) => {
-                tracing::warn!(
-                    "the lease was taken over before the response was stored; the newer holder's result stands"
-                );
-                return;
-            }
-            Err(error) if attempt < 3 => {
-                tracing::warn!(%error, attempt, "storing the idempotent response failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-            Err(error) => {
-                tracing::error!(%error, "storing the idempotent response failed; the key stays in progress until its lease expires");
-            }
+            Err(LedgerError::LeaseLost) => return lease_lost_before_storing(),
+            Err(next) => error = next,
         }
     }
+    tracing::error!(%error, "storing the idempotent response failed; the key stays in progress until its lease expires");
 }
 
 async fn release<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, token: FencingToken) {
