@@ -291,10 +291,13 @@ fn postgres_two_pools_one_winner_per_key() {
     });
 }
 
-/// Completion and release each send the key's hex digest on the table's channel, and a waiter
-/// on another pool (another app instance) wakes and sees the completion.
+/// Completion and release of a record that a waiter watches send the key's hex digest on the
+/// table's channel, and a waiter on another pool (another app instance) wakes and sees the
+/// completion. Records nobody waits for send nothing (a notifying commit takes a database-wide
+/// lock). Notifications arrive in commit order, so the first one received proves that the
+/// unwatched changes before it sent none.
 #[test]
-fn postgres_notify_wakes_waiters_on_another_pool() {
+fn postgres_notifies_watched_records_only_and_wakes_waiters_on_another_pool() {
     tower_idempotency_core::conformance::run(async {
         let Some(table) = common::PgTable::create().await else {
             return;
@@ -310,58 +313,114 @@ fn postgres_notify_wakes_waiters_on_another_pool() {
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
         };
+        // Bounded, so that a notification never sent fails the test instead of hanging it.
+        async fn next(listener: &mut PgListener) -> String {
+            tokio::time::timeout(Duration::from_secs(30), listener.recv())
+                .await
+                .expect("a notification within 30 s")
+                .expect("a notification")
+                .payload()
+                .to_owned()
+        }
 
+        // Nobody waits: completing and releasing notify nothing.
+        for (name, release) in [("quiet-complete", false), ("quiet-release", true)] {
+            let quiet = request(name, "body");
+            let Claim::Acquired(lease) = table.ledger.claim(&quiet).await.expect("claim") else {
+                panic!("acquired")
+            };
+            if release {
+                table.ledger.release(&quiet.key, lease.token).await
+            } else {
+                let response = sample_response(b"quiet");
+                table
+                    .ledger
+                    .complete(&quiet.key, lease.token, &response, LONG)
+                    .await
+            }
+            .expect("the unwatched change");
+        }
+
+        let other = PostgresLedger::new(common::pg_pool(&table.url).await)
+            .with_table(&table.name)
+            .expect("the same table");
+        let waiter_on = |key: &'static str| {
+            let other = other.clone();
+            tokio::spawn(async move {
+                loop {
+                    other
+                        .wait_for_change(&request(key, "body").key, Duration::from_secs(60))
+                        .await;
+                    match other.claim(&request(key, "body")).await.expect("claim") {
+                        Claim::Existing(e) => {
+                            if let RecordState::Completed(response) = e.state {
+                                return Some(response);
+                            }
+                        }
+                        // The key was released: the waiter's own claim won it.
+                        Claim::Acquired(_) => return None,
+                    }
+                }
+            })
+        };
+
+        // A watched release notifies, and it is the first notification.
         let released = request("released", "body");
         let Claim::Acquired(lease) = table.ledger.claim(&released).await.expect("claim") else {
             panic!("acquired")
         };
+        let waiter = waiter_on("released");
+        wait_until_watched(&table, &released.key).await;
         table
             .ledger
             .release(&released.key, lease.token)
             .await
             .expect("release");
-        let note = listener.recv().await.expect("a notification");
-        assert_eq!(note.payload(), hex(&released.key));
+        assert_eq!(next(&mut listener).await, hex(&released.key));
+        let woke = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("the waiter wakes")
+            .expect("the waiter did not panic");
+        assert_eq!(woke, None, "the waiter claimed the released key");
 
-        let other = PostgresLedger::new(common::pg_pool(&table.url).await)
-            .with_table(&table.name)
-            .expect("the same table");
+        // A watched completion notifies and the waiter sees the response.
         let first = request("k", "body");
         let Claim::Acquired(lease) = table.ledger.claim(&first).await.expect("claim") else {
             panic!("acquired")
         };
-        let waiter = {
-            let other = other.clone();
-            tokio::spawn(async move {
-                loop {
-                    other
-                        .wait_for_change(&request("k", "body").key, Duration::from_secs(60))
-                        .await;
-                    if let Claim::Existing(e) =
-                        other.claim(&request("k", "body")).await.expect("claim")
-                        && let RecordState::Completed(response) = e.state
-                    {
-                        return response;
-                    }
-                }
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let waiter = waiter_on("k");
+        wait_until_watched(&table, &first.key).await;
         table
             .ledger
             .complete(&first.key, lease.token, &sample_response(b"done"), LONG)
             .await
             .expect("complete");
-        let note = listener.recv().await.expect("a notification");
-        assert_eq!(note.payload(), hex(&first.key));
+        assert_eq!(next(&mut listener).await, hex(&first.key));
         let response = tokio::time::timeout(Duration::from_secs(30), waiter)
             .await
             .expect("the waiter wakes")
             .expect("the waiter did not panic");
-        assert_eq!(response, sample_response(b"done"));
+        assert_eq!(response, Some(sample_response(b"done")));
         other.pool().close().await;
         table.drop().await;
     });
+}
+
+/// Until a waiter has marked `key`'s record watched (bounded).
+async fn wait_until_watched(table: &common::PgTable, key: &LedgerKey) {
+    let sql = format!("SELECT watched FROM {} WHERE key = $1", table.name);
+    for _ in 0..3000 {
+        let watched: Option<bool> = sqlx::query_scalar(AssertSqlSafe(sql.clone()))
+            .bind(&key.as_bytes()[..])
+            .fetch_optional(table.ledger.pool())
+            .await
+            .expect("read watched");
+        if watched == Some(true) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the waiter never marked the record watched");
 }
 
 /// A schema-qualified table is created (twice, harmlessly) and used.

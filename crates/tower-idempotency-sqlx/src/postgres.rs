@@ -21,10 +21,16 @@ use crate::{
 };
 
 /// The shipped migrations, in order.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_create_records",
-    include_str!("../migrations/postgres/0001_create_records.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_create_records",
+        include_str!("../migrations/postgres/0001_create_records.sql"),
+    ),
+    (
+        "0002_watched",
+        include_str!("../migrations/postgres/0002_watched.sql"),
+    ),
+];
 
 /// How often a claim runs again when it found no row to report (see `claim`).
 const CLAIM_ATTEMPTS: usize = 8;
@@ -36,8 +42,11 @@ const CLAIM_ATTEMPTS: usize = 8;
 ///   single fenced `UPDATE`/`DELETE`. A first request costs two round trips, a replay one.
 /// - **The database's clock** (`now()`) decides leases and expiry, so app instances whose clocks
 ///   disagree still agree on who holds a key.
-/// - **Waiting uses `LISTEN`/`NOTIFY`.** Completion and release notify the channel
-///   [`channel`](Self::channel) with the key's hex digest, in the same statement. The first
+/// - **Waiting uses `LISTEN`/`NOTIFY`.** A waiter marks the record `watched`; completing or
+///   releasing a watched record notifies the channel [`channel`](Self::channel) with the key's
+///   hex digest, in the same statement. Records nobody waits for are not notified: a notifying
+///   commit takes a lock shared by every notifying commit in the database, and notifying every
+///   completion cut fresh-path throughput by about a quarter (docs/benchmarks.md). The first
 ///   [`wait_for_change`](Ledger::wait_for_change) starts one listener connection per ledger (its
 ///   own, not one of the pool's); while it is unavailable, waiters poll.
 ///
@@ -70,6 +79,7 @@ struct Statements {
     operation: SqlStr,
     purge: SqlStr,
     held: SqlStr,
+    watch: SqlStr,
 }
 
 /// `$n` milliseconds from now, by the database's clock.
@@ -83,7 +93,10 @@ impl Statements {
         // Arc-backed, so that cloning a statement per call does not copy it.
         let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
         let columns = "operation_id, fingerprint, state, status, headers, body, body_omitted";
-        let notify = format!("pg_notify('{channel}', encode(key, 'hex'))");
+        // Only a record that a waiter watches is notified (migration 0002): a notifying commit
+        // takes a database-wide lock, and notifying every completion serialised them.
+        let notify =
+            format!("CASE WHEN watched THEN pg_notify('{channel}', encode(key, 'hex')) END");
         Self {
             // $1 key, $2 scope, $3 fingerprint, $4 operation id, $5 token, $6 lease and
             // $7 retention in ms. The INSERT decides atomically: insert, replace an expired
@@ -153,6 +166,13 @@ impl Statements {
             held: sql(format!(
                 "SELECT token FROM {t} WHERE key = $1 AND state = '{IN_PROGRESS}' \
                  AND expires_at > now() AND lease_until > now()"
+            )),
+            // `held`, marking the record watched. A completion that committed first makes this
+            // find no row (READ COMMITTED re-checks the WHERE against the committed row), so
+            // the waiter does not wait; one that comes after sees `watched` and notifies.
+            watch: sql(format!(
+                "UPDATE {t} SET watched = true WHERE key = $1 AND state = '{IN_PROGRESS}' \
+                 AND expires_at > now() AND lease_until > now() RETURNING token"
             )),
         }
     }
@@ -257,7 +277,17 @@ impl PostgresLedger {
 
     /// The token of the live lease on `key`, if it is in progress.
     pub(crate) async fn held(&self, key: &LedgerKey) -> Result<Option<Uuid>, LedgerError> {
-        sqlx::query(self.sql.held.clone())
+        self.token_from(self.sql.held.clone(), key).await
+    }
+
+    /// [`held`](Self::held), marking the record watched, so that its completion or release
+    /// notifies the channel. Call it once `LISTEN` is in effect.
+    async fn watch(&self, key: &LedgerKey) -> Result<Option<Uuid>, LedgerError> {
+        self.token_from(self.sql.watch.clone(), key).await
+    }
+
+    async fn token_from(&self, sql: SqlStr, key: &LedgerKey) -> Result<Option<Uuid>, LedgerError> {
+        sqlx::query(sql)
             .bind(&key.as_bytes()[..])
             .fetch_optional(&self.pool)
             .await
@@ -431,7 +461,7 @@ impl Ledger for PostgresLedger {
             return self.poll(key, deadline).await;
         }
         let mut waiter = self.notifier.waiter(key);
-        let Ok(Some(first)) = self.held(key).await else {
+        let Ok(Some(first)) = self.watch(key).await else {
             return;
         };
         loop {
