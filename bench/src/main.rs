@@ -116,6 +116,46 @@ enum Cleanup {
     Table(PostgresLedger),
 }
 
+/// The servers run on a runtime of their own (two workers named `bench-server`), apart from the
+/// load generator's: both still share the machine's cores, as a server and wrk would, but the
+/// servers' CPU time can be read on its own, from their threads (`server_cpu_time`).
+fn server_runtime() -> &'static tokio::runtime::Runtime {
+    static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("bench-server")
+            .enable_all()
+            .build()
+            .expect("the server runtime")
+    })
+}
+
+/// User + system CPU time of the server runtime's threads so far (`/proc/self/task/*/stat`),
+/// their socket system calls included. A thread that has exited is not counted, so take
+/// differences only while the same server runs.
+fn server_cpu_time() -> Duration {
+    let mut ticks = 0u64;
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for task in tasks.flatten() {
+            let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            if !stat[open + 1..close].starts_with("bench-server") {
+                continue;
+            }
+            let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            ticks += field(11).unwrap_or(0) + field(12).unwrap_or(0);
+        }
+    }
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 async fn serve(app: Router) -> (SocketAddr, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local addr");
@@ -133,7 +173,16 @@ fn layered<L: Ledger + Clone>(ledger: L) -> Router {
     payments().layer(IdempotencyLayer::new(ledger))
 }
 
+/// Starts `variant` on the server runtime (its pools and tasks live there too).
 async fn start(variant: Variant, run: &str) -> Option<Server> {
+    let run = run.to_owned();
+    server_runtime()
+        .spawn(async move { start_here(variant, &run).await })
+        .await
+        .expect("starting a server")
+}
+
+async fn start_here(variant: Variant, run: &str) -> Option<Server> {
     let (app, memory, cleanup) = match variant {
         Variant::Bare => (payments(), None, Cleanup::None),
         Variant::Memory => {
@@ -200,6 +249,13 @@ async fn start(variant: Variant, run: &str) -> Option<Server> {
 
 impl Server {
     async fn stop(self) {
+        server_runtime()
+            .spawn(self.stop_here())
+            .await
+            .expect("stopping a server");
+    }
+
+    async fn stop_here(self) {
         self.task.abort();
         match self.cleanup {
             Cleanup::None => {}
@@ -355,6 +411,9 @@ struct Measured {
     /// Requests per CPU-second of this process (server and load generator together): unlike
     /// req/s, it barely moves when other processes take the cores.
     per_cpu_sec: f64,
+    /// Microseconds of the server runtime's CPU time per request: what the server itself spends,
+    /// apart from the load generator.
+    server_us: f64,
     unexpected: u64,
     load: String,
 }
@@ -400,17 +459,19 @@ async fn measure(
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let loadavg = loadavg();
-    let (start, t0, c0) = (
+    let (start, t0, c0, s0) = (
         load.counters.done.load(Ordering::Relaxed),
         Instant::now(),
         cpu_time(),
+        server_cpu_time(),
     );
     let unexpected0 = load.counters.unexpected.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(secs)).await;
-    let (end, t1, c1) = (
+    let (end, t1, c1, s1) = (
         load.counters.done.load(Ordering::Relaxed),
         Instant::now(),
         cpu_time(),
+        server_cpu_time(),
     );
     load.stop.store(true, Ordering::Relaxed);
     for task in tasks {
@@ -419,6 +480,7 @@ async fn measure(
     Measured {
         rps: (end - start) as f64 / (t1 - t0).as_secs_f64(),
         per_cpu_sec: (end - start) as f64 / (c1 - c0).as_secs_f64(),
+        server_us: (s1 - s0).as_secs_f64() * 1e6 / (end - start) as f64,
         unexpected: load.counters.unexpected.load(Ordering::Relaxed) - unexpected0,
         load: loadavg,
     }
@@ -463,11 +525,11 @@ async fn compare() -> bool {
     let pid = std::process::id();
     let mut all_ok = true;
     for path in [Path::Fresh, Path::Replay] {
-        // results[variant][round] = (rps, ratio)
-        let mut results = vec![Vec::new(); variants.len()];
+        // results[variant][round]
+        let mut results: Vec<Vec<Row>> = vec![Vec::new(); variants.len()];
         let mut seq = 0usize;
         for round in 0..rounds {
-            let (mut bare_before, mut bare_cpu_before) = (f64::NAN, f64::NAN);
+            let mut bare_before: Option<Measured> = None;
             for (i, &variant) in variants.iter().enumerate() {
                 let mut runs = vec![variant];
                 if variant != Variant::Bare {
@@ -487,49 +549,37 @@ async fn compare() -> bool {
                     }
                     measured.push(m);
                 }
-                let Some(m) = measured.first() else {
+                let mut measured = measured.into_iter();
+                let Some(m) = measured.next() else {
                     continue;
                 };
-                let mut cpu_ratio = 1.0;
-                let ratio = match measured.get(1) {
-                    Some(bare_after) => {
-                        let bare = (bare_before + bare_after.rps) / 2.0;
-                        bare_before = bare_after.rps;
-                        let bare_cpu = (bare_cpu_before + bare_after.per_cpu_sec) / 2.0;
-                        cpu_ratio = m.per_cpu_sec / bare_cpu;
-                        bare_cpu_before = bare_after.per_cpu_sec;
-                        results[0].push((bare_after.rps, 1.0, bare_after.per_cpu_sec, 1.0));
-                        m.rps / bare
+                let row = match (measured.next(), bare_before.take()) {
+                    (Some(after), Some(before)) => {
+                        // Against the mean of the bare runs just before and just after.
+                        let mean = |f: fn(&Measured) -> f64| (f(&before) + f(&after)) / 2.0;
+                        let row = Row {
+                            rps: m.rps,
+                            ratio: m.rps / mean(|b| b.rps),
+                            per_cpu_sec: m.per_cpu_sec,
+                            cpu_ratio: m.per_cpu_sec / mean(|b| b.per_cpu_sec),
+                            server_us: m.server_us,
+                            server_ratio: mean(|b| b.server_us) / m.server_us,
+                        };
+                        print_row(path, round, variant.name(), &row, &m);
+                        let bare = Row::bare(&after);
+                        print_row(path, round, "bare axum (after)", &bare, &after);
+                        results[0].push(bare);
+                        bare_before = Some(after);
+                        row
                     }
-                    None => {
-                        bare_before = m.rps;
-                        bare_cpu_before = m.per_cpu_sec;
-                        1.0
+                    _ => {
+                        let row = Row::bare(&m);
+                        print_row(path, round, variant.name(), &row, &m);
+                        bare_before = Some(m);
+                        row
                     }
                 };
-                println!(
-                    "  {:<6} round {round}  {:<40} {:>9.0} req/s  {:>5.3}x bare  {:>7.0} req/CPU-s  {:>5.3}x bare  unexpected {:>3}  load {}",
-                    path_tag(path),
-                    variant.name(),
-                    m.rps,
-                    ratio,
-                    m.per_cpu_sec,
-                    cpu_ratio,
-                    m.unexpected,
-                    m.load
-                );
-                if let Some(bare_after) = measured.get(1) {
-                    println!(
-                        "  {:<6} round {round}  {:<40} {:>9.0} req/s  (bare after)  {:>7.0} req/CPU-s                unexpected {:>3}  load {}",
-                        path_tag(path),
-                        Variant::Bare.name(),
-                        bare_after.rps,
-                        bare_after.per_cpu_sec,
-                        bare_after.unexpected,
-                        bare_after.load
-                    );
-                }
-                results[i].push((m.rps, ratio, m.per_cpu_sec, cpu_ratio));
+                results[i].push(row);
             }
         }
         println!(
@@ -537,25 +587,69 @@ async fn compare() -> bool {
             path_tag(path)
         );
         println!(
-            "| variant | req/s | × bare (req/s, bracketing runs) | req per CPU-second | × bare (CPU) |"
+            "| variant | req/s | × bare (req/s) | req per CPU-second | × bare (CPU) | server µs/req | × bare (server CPU) |"
         );
-        println!("|---|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
         for (i, variant) in variants.iter().enumerate() {
-            let column = |f: fn(&(f64, f64, f64, f64)) -> f64| {
+            let column = |f: fn(&Row) -> f64| {
                 let mut values: Vec<f64> = results[i].iter().map(f).collect();
                 median(&mut values)
             };
             println!(
-                "| {} | {:.0} | {:.3} | {:.0} | {:.3} |",
+                "| {} | {:.0} | {:.3} | {:.0} | {:.3} | {:.1} | {:.3} |",
                 variant.name(),
-                column(|r| r.0),
-                column(|r| r.1),
-                column(|r| r.2),
-                column(|r| r.3),
+                column(|r| r.rps),
+                column(|r| r.ratio),
+                column(|r| r.per_cpu_sec),
+                column(|r| r.cpu_ratio),
+                column(|r| r.server_us),
+                column(|r| r.server_ratio),
             );
         }
     }
     all_ok
+}
+
+/// One measurement and its ratios to the bare-axum runs around it. `server_ratio` is bare's
+/// server CPU per request over this one's: 0.80 means the server spent 1/0.80 as much CPU on
+/// each request as bare axum did.
+#[derive(Clone)]
+struct Row {
+    rps: f64,
+    ratio: f64,
+    per_cpu_sec: f64,
+    cpu_ratio: f64,
+    server_us: f64,
+    server_ratio: f64,
+}
+
+impl Row {
+    fn bare(m: &Measured) -> Self {
+        Row {
+            rps: m.rps,
+            ratio: 1.0,
+            per_cpu_sec: m.per_cpu_sec,
+            cpu_ratio: 1.0,
+            server_us: m.server_us,
+            server_ratio: 1.0,
+        }
+    }
+}
+
+fn print_row(path: Path, round: usize, name: &str, row: &Row, m: &Measured) {
+    println!(
+        "  {:<6} round {round}  {:<40} {:>7.0} req/s {:>5.3}x  {:>6.0} req/CPU-s {:>5.3}x  server {:>5.1} us/req {:>5.3}x  unexpected {}  load {}",
+        path_tag(path),
+        name,
+        row.rps,
+        row.ratio,
+        row.per_cpu_sec,
+        row.cpu_ratio,
+        row.server_us,
+        row.server_ratio,
+        m.unexpected,
+        m.load
+    );
 }
 
 fn path_tag(path: Path) -> &'static str {
@@ -586,16 +680,19 @@ async fn growth() -> bool {
     println!(
         "growth: {conns} connections, unique keys into one MemoryLedger for {secs} s, {window} s windows"
     );
-    println!("| window | req/s | req per CPU-second | keys stored at end | load avg |");
-    println!("|---|---:|---:|---:|---|");
+    println!(
+        "| window | req/s | req per CPU-second | server µs/req | keys stored at end | load avg |"
+    );
+    println!("|---|---:|---:|---:|---:|---|");
     let tasks: Vec<_> = (0..conns)
         .map(|c| tokio::spawn(connection(load.clone(), c)))
         .collect();
-    let (mut rates, mut cpu_rates) = (Vec::new(), Vec::new());
+    let (mut rates, mut cpu_rates, mut server_costs) = (Vec::new(), Vec::new(), Vec::new());
     let mut last = (
         load.counters.done.load(Ordering::Relaxed),
         Instant::now(),
         cpu_time(),
+        server_cpu_time(),
     );
     for w in 0..secs / window {
         tokio::time::sleep(Duration::from_secs(window)).await;
@@ -603,13 +700,16 @@ async fn growth() -> bool {
             load.counters.done.load(Ordering::Relaxed),
             Instant::now(),
             cpu_time(),
+            server_cpu_time(),
         );
         let rps = (now.0 - last.0) as f64 / (now.1 - last.1).as_secs_f64();
         let per_cpu = (now.0 - last.0) as f64 / (now.2 - last.2).as_secs_f64();
+        let server_us = (now.3 - last.3).as_secs_f64() * 1e6 / (now.0 - last.0) as f64;
         rates.push(rps);
         cpu_rates.push(per_cpu);
+        server_costs.push(server_us);
         println!(
-            "| {:>3}-{:<3} s | {rps:.0} | {per_cpu:.0} | {} | {} |",
+            "| {:>3}-{:<3} s | {rps:.0} | {per_cpu:.0} | {server_us:.1} | {} | {} |",
             w * window,
             (w + 1) * window,
             ledger.len(),
@@ -625,6 +725,7 @@ async fn growth() -> bool {
     server.stop().await;
     let (first, last) = (rates[0], rates[rates.len() - 1]);
     let (cpu_first, cpu_last) = (cpu_rates[0], cpu_rates[cpu_rates.len() - 1]);
+    let (server_first, server_last) = (server_costs[0], server_costs[server_costs.len() - 1]);
     let verdict = |r: f64| {
         if r >= 0.90 {
             "flat: >= 0.90"
@@ -633,12 +734,14 @@ async fn growth() -> bool {
         }
     };
     println!(
-        "growth: last window / first window = {:.3} req/s ({}), {:.3} req per CPU-second ({}); \
-         unexpected responses {unexpected}",
+        "growth: last window / first window = {:.3} req/s ({}), {:.3} req per CPU-second ({}), \
+         {:.3} server CPU per request, first/last ({}); unexpected responses {unexpected}",
         last / first,
         verdict(last / first),
         cpu_last / cpu_first,
         verdict(cpu_last / cpu_first),
+        server_first / server_last,
+        verdict(server_first / server_last),
     );
     unexpected == 0
 }
