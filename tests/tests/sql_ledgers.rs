@@ -449,3 +449,34 @@ async fn postgres_schema_qualified_table_migrates_idempotently() {
         .await
         .expect("drop the schema");
 }
+
+/// A PostgreSQL test that panics before `PgTable::drop` still removes its table (the `Drop` guard
+/// in tests/common), so a failing run does not leave `ti_test_*` tables behind.
+#[test]
+fn a_postgres_test_that_panics_still_drops_its_table() {
+    let created = Arc::new(std::sync::Mutex::new(None));
+    let record = created.clone();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        tower_idempotency_core::conformance::run(async move {
+            let Some(table) = common::PgTable::create().await else {
+                return;
+            };
+            *record.lock().expect("not poisoned") = Some((table.name.clone(), table.url.clone()));
+            panic!("a failing PostgreSQL test");
+        })
+    }));
+    let Some((name, url)) = created.lock().expect("not poisoned").take() else {
+        return; // skipped: no DATABASE_URL (and not CI)
+    };
+    assert!(outcome.is_err(), "the test's panic came through");
+    tower_idempotency_core::conformance::run(async move {
+        let pool = common::pg_pool(&url).await;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(format!("\"{name}\""))
+            .fetch_one(&pool)
+            .await
+            .expect("look the table up");
+        assert!(!exists, "table {name} was left behind");
+        pool.close().await;
+    });
+}

@@ -14,6 +14,33 @@
 //!
 //! The checks use real time with leases of a second or less, so a ledger whose clock is the
 //! database's (`now()`) is tested as it runs in production.
+//!
+//! A ledger on an external service needs more: a fresh table per check (so the checks run in
+//! parallel), a way to skip when the service is not configured, and clean-up afterwards, even
+//! when the check fails. Give the macro a [`Fixture`] factory instead, whose output is an
+//! `Option` (`None`: skip this check, after saying why):
+//!
+//! ```no_run
+//! use tower_idempotency_core::{MemoryLedger, conformance::Fixture, ledger_conformance_tests};
+//!
+//! struct Table { ledger: MemoryLedger }
+//!
+//! impl Fixture for Table {
+//!     type Ledger = MemoryLedger;
+//!     fn ledger(&self) -> MemoryLedger { self.ledger.clone() }
+//!     async fn teardown(self) { /* DROP TABLE .. */ }
+//! }
+//!
+//! async fn table() -> Option<Table> {
+//!     let Ok(_url) = std::env::var("DATABASE_URL") else {
+//!         eprintln!("SKIPPED: DATABASE_URL is not set");
+//!         return None;
+//!     };
+//!     Some(Table { ledger: MemoryLedger::new() })
+//! }
+//!
+//! ledger_conformance_tests!(fixture: table());
+//! ```
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,6 +62,39 @@ pub fn run<F: std::future::Future<Output = ()>>(check: F) {
         .build()
         .expect("a tokio runtime for the conformance check")
         .block_on(check);
+}
+
+/// A ledger set up for one conformance check, and its clean-up. See the module docs.
+pub trait Fixture: Send + 'static {
+    /// The ledger under test.
+    type Ledger: Ledger + 'static;
+
+    /// The ledger the check runs on (a handle to the fixture's: ledgers are cheap to clone).
+    fn ledger(&self) -> Self::Ledger;
+
+    /// Cleans up after the check: runs whether the check passed or panicked.
+    fn teardown(self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Runs `check` on `fixture`'s ledger, then tears the fixture down, even if the check panicked
+/// (the panic is then resumed, so the test still fails). What the `fixture:` form of
+/// [`ledger_conformance_tests!`](crate::ledger_conformance_tests) expands to.
+pub async fn with_fixture<F, C, Fut>(fixture: F, check: C)
+where
+    F: Fixture,
+    C: FnOnce(F::Ledger) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    // In a task of its own, so that a panic in the check comes back as an error here instead of
+    // unwinding past the teardown.
+    let checked = tokio::spawn(check(fixture.ledger())).await;
+    fixture.teardown().await;
+    if let Err(error) = checked {
+        match error.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(error) => panic!("the conformance check did not finish: {error}"),
+        }
+    }
 }
 
 /// A lease long enough never to expire during a check.
@@ -527,12 +587,25 @@ pub async fn waiters_see_completion<L: Ledger>(ledger: L) {
     assert_eq!(seen.expect("waiter panicked"), response);
 }
 
-/// Expands to one `#[tokio::test]` per conformance check, each given a fresh ledger from
-/// `$make` (an expression of a future of the ledger, such as `async { MemoryLedger::new() }`).
+/// Expands to one `#[test]` per conformance check (each on a runtime of its own, see [`run`]),
+/// each given a fresh ledger from `$make`: an expression of a future of the ledger, such as
+/// `async { MemoryLedger::new() }`.
+///
+/// With `fixture: $make`, the future gives an `Option` of a [`Fixture`]: `None` skips the check
+/// (the factory says why), and the fixture is torn down after the check, even a failed one.
+///
+/// [`run`]: crate::conformance::run
+/// [`Fixture`]: crate::conformance::Fixture
 #[macro_export]
 macro_rules! ledger_conformance_tests {
+    (fixture: $make:expr) => {
+        $crate::ledger_conformance_tests!(@cases [fixture] $make);
+    };
     ($make:expr) => {
-        $crate::ledger_conformance_tests!(@cases $make;
+        $crate::ledger_conformance_tests!(@cases [ledger] $make);
+    };
+    (@cases [$kind:ident] $make:expr) => {
+        $crate::ledger_conformance_tests!(@each [$kind] $make;
             concurrent_claims_have_one_winner,
             live_claim_is_in_progress,
             completed_claim_returns_response,
@@ -549,7 +622,7 @@ macro_rules! ledger_conformance_tests {
             waiters_see_completion,
         );
     };
-    (@cases $make:expr; $($case:ident),* $(,)?) => {
+    (@each [ledger] $make:expr; $($case:ident),* $(,)?) => {
         $(
             #[test]
             fn $case() {
@@ -557,4 +630,67 @@ macro_rules! ledger_conformance_tests {
             }
         )*
     };
+    (@each [fixture] $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::conformance::run(async {
+                    if let Some(fixture) = $make.await {
+                        $crate::conformance::with_fixture(fixture, $crate::conformance::$case)
+                            .await;
+                    }
+                });
+            }
+        )*
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::MemoryLedger;
+
+    struct Flagged(MemoryLedger, Arc<AtomicBool>);
+
+    impl Fixture for Flagged {
+        type Ledger = MemoryLedger;
+
+        fn ledger(&self) -> MemoryLedger {
+            self.0.clone()
+        }
+
+        async fn teardown(self) {
+            self.1.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_fixture_is_torn_down_after_a_failed_check_and_the_failure_stands() {
+        let torn_down = Arc::new(AtomicBool::new(false));
+        let fixture = Flagged(MemoryLedger::new(), torn_down.clone());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(with_fixture(fixture, |_ledger| async {
+                panic!("a failed conformance check")
+            }))
+        }));
+        let panic = outcome.expect_err("the check's panic reaches the test");
+        assert_eq!(
+            panic.downcast_ref::<&str>(),
+            Some(&"a failed conformance check")
+        );
+        assert!(
+            torn_down.load(Ordering::SeqCst),
+            "the fixture was torn down"
+        );
+    }
+
+    #[test]
+    fn a_fixture_is_torn_down_after_a_passing_check() {
+        let torn_down = Arc::new(AtomicBool::new(false));
+        let fixture = Flagged(MemoryLedger::new(), torn_down.clone());
+        run(with_fixture(fixture, live_claim_is_in_progress));
+        assert!(torn_down.load(Ordering::SeqCst));
+    }
 }

@@ -11,7 +11,9 @@
 //! ```
 //!
 //! and then, in a test file, `ledger_conformance_tests!(async { YourLedger::new() });` expands to
-//! one test per rule of the contract (see the `conformance` module).
+//! one test per rule of the contract (see the `conformance` module). A ledger on an external
+//! service gives `ledger_conformance_tests!(fixture: ..)` a factory that can skip and that tears
+//! its table down after each check, even a failed one.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;

@@ -78,11 +78,13 @@ pub(crate) async fn pg_pool(url: &str) -> PgPool {
 }
 
 /// A PostgreSQL table of its own for one test, so that tests run in parallel. Call
-/// [`drop`](Self::drop) at the end; a test that fails leaves its `ti_test_*` table behind.
+/// [`drop`](Self::drop) at the end; a test that panics first still removes its table (see the
+/// `Drop` impl).
 pub(crate) struct PgTable {
     pub(crate) ledger: PostgresLedger,
     pub(crate) name: String,
     pub(crate) url: String,
+    dropped: bool,
 }
 
 impl PgTable {
@@ -94,13 +96,17 @@ impl PgTable {
             .with_table(&name)
             .expect("a valid table name");
         ledger.migrate().await.expect("migrate");
-        Some(Self { ledger, name, url })
+        Some(Self {
+            ledger,
+            name,
+            url,
+            dropped: false,
+        })
     }
 
     /// Drops the table and closes the pool.
-    pub(crate) async fn drop(self) {
+    pub(crate) async fn drop(mut self) {
         let pool = self.ledger.pool().clone();
-        drop(self.ledger);
         tower_idempotency_sqlx::sqlx::raw_sql(tower_idempotency_sqlx::sqlx::AssertSqlSafe(
             format!("DROP TABLE IF EXISTS \"{}\"", self.name),
         ))
@@ -108,5 +114,53 @@ impl PgTable {
         .await
         .expect("drop the test table");
         pool.close().await;
+        self.dropped = true;
+    }
+}
+
+/// A test that panicked (or returned) before [`PgTable::drop`] still removes its table. `Drop`
+/// cannot await, so this runs on a thread with a runtime of its own, on a connection of its own,
+/// and gives up after a few seconds rather than hang a failing test (a lock the test still
+/// holds would otherwise block the `DROP`).
+impl Drop for PgTable {
+    fn drop(&mut self) {
+        if self.dropped {
+            return;
+        }
+        let (url, name) = (self.url.clone(), self.name.clone());
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&url).await else {
+                    return;
+                };
+                let sql = format!("SET lock_timeout = '5s'; DROP TABLE IF EXISTS \"{name}\"");
+                let _ = tower_idempotency_sqlx::sqlx::raw_sql(
+                    tower_idempotency_sqlx::sqlx::AssertSqlSafe(sql),
+                )
+                .execute(&pool)
+                .await;
+                pool.close().await;
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+/// The conformance suite's fixture: a fresh table per check, dropped after it, pass or fail.
+impl tower_idempotency_core::conformance::Fixture for PgTable {
+    type Ledger = PostgresLedger;
+
+    fn ledger(&self) -> PostgresLedger {
+        self.ledger.clone()
+    }
+
+    async fn teardown(self) {
+        self.drop().await;
     }
 }
