@@ -480,3 +480,75 @@ fn a_postgres_test_that_panics_still_drops_its_table() {
         pool.close().await;
     });
 }
+
+/// The listener's connection is cut (a failover, a proxy's idle reaper) while a duplicate waits:
+/// the waiter still sees the completion, and the listener comes back. A completion committed
+/// while it was away sends a notification nobody hears; the listener then wakes every waiter to
+/// re-check, and each waiter also re-checks once a second.
+#[test]
+fn postgres_waiters_survive_a_lost_listener_connection() {
+    tower_idempotency_core::conformance::run(async {
+        let Some(table) = common::PgTable::create().await else {
+            return;
+        };
+        let first = request("k", "body");
+        let Claim::Acquired(lease) = table.ledger.claim(&first).await.expect("claim") else {
+            panic!("acquired")
+        };
+        let waiter = {
+            let ledger = table.ledger.clone();
+            tokio::spawn(async move {
+                loop {
+                    ledger
+                        .wait_for_change(&request("k", "body").key, Duration::from_secs(60))
+                        .await;
+                    if let Claim::Existing(e) =
+                        ledger.claim(&request("k", "body")).await.expect("claim")
+                        && let RecordState::Completed(response) = e.state
+                    {
+                        return response;
+                    }
+                }
+            })
+        };
+        // The waiter marks the record once `LISTEN` is in effect.
+        wait_until_watched(&table, &first.key).await;
+        let listeners = format!(
+            "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%' \
+             AND query LIKE '%{}%' AND pid <> pg_backend_pid()",
+            table.ledger.channel()
+        );
+        let cut: Vec<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT pid FROM ({listeners}) l WHERE pg_terminate_backend(pid)"
+        )))
+        .fetch_all(table.ledger.pool())
+        .await
+        .expect("terminate the listener");
+        assert_eq!(cut.len(), 1, "one listener connection for the ledger");
+        table
+            .ledger
+            .complete(&first.key, lease.token, &sample_response(b"done"), LONG)
+            .await
+            .expect("complete");
+        let response = tokio::time::timeout(Duration::from_secs(30), waiter)
+            .await
+            .expect("the waiter saw the completion")
+            .expect("the waiter did not panic");
+        assert_eq!(response, sample_response(b"done"));
+        // And the listener is back (bounded).
+        let mut back = false;
+        for _ in 0..300 {
+            let pids: Vec<i32> = sqlx::query_scalar(AssertSqlSafe(listeners.clone()))
+                .fetch_all(table.ledger.pool())
+                .await
+                .expect("list listeners");
+            if pids.iter().any(|pid| !cut.contains(pid)) {
+                back = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(back, "the listener reconnected");
+        table.drop().await;
+    });
+}
