@@ -4,7 +4,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderName, Method, StatusCode, request::Parts};
-use tower_idempotency_core::{Fingerprint, TransactionalLedger};
+use tower_idempotency_core::{Fingerprint, ScopeDigest, TransactionalLedger};
 
 use crate::{
     layer::IdempotencyLayer,
@@ -127,6 +127,17 @@ impl Config {
 
     pub(crate) fn scope_of(&self, parts: &Parts) -> Vec<u8> {
         self.scope.as_ref().map(|f| f(parts)).unwrap_or_default()
+    }
+
+    /// The digest of `scope`. Without a scope function every request has the empty scope, whose
+    /// digest is computed once rather than hashed again per request.
+    pub(crate) fn scope_digest(scope: &[u8]) -> ScopeDigest {
+        static UNSCOPED: std::sync::OnceLock<ScopeDigest> = std::sync::OnceLock::new();
+        if scope.is_empty() {
+            *UNSCOPED.get_or_init(|| ScopeDigest::new(b""))
+        } else {
+            ScopeDigest::new(scope)
+        }
     }
 
     pub(crate) fn should_store(&self, status: StatusCode) -> bool {

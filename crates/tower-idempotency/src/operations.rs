@@ -9,11 +9,12 @@ use axum::{
     routing::get,
 };
 use http::{HeaderValue, header, request::Parts};
-use tower_idempotency_core::{Ledger, OperationStatus, ScopeDigest};
+use tower_idempotency_core::{Ledger, OperationStatus};
 use uuid::Uuid;
 
 use crate::{
     IdempotencyLayer,
+    config::Config,
     layer::Shared,
     problem::{Rejection, RejectionKind, render},
     response::replay,
@@ -67,7 +68,7 @@ async fn status<L: Ledger>(shared: Arc<Shared<L>>, parts: Parts, id: String) -> 
     let Ok(id) = Uuid::parse_str(&id) else {
         return not_found();
     };
-    let scope = ScopeDigest::new(&config.scope_of(&parts));
+    let scope = Config::scope_digest(&config.scope_of(&parts));
     let ledger = &shared.ledger;
     let lookup = config
         .telemetry

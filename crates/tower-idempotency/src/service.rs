@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
 use tower_idempotency_core::{
     BoxError, Claim, ClaimRequest, Existing, FencingToken, Fingerprint, IdempotencyKey, KeyError,
-    Ledger, LedgerError, LedgerKey, RecordState, ScopeDigest, StoredResponse,
+    Ledger, LedgerError, LedgerKey, RecordState, StoredResponse,
 };
 use tower_service::Service;
 use tracing::{Instrument, field::Empty};
@@ -25,7 +25,7 @@ use tracing::{Instrument, field::Empty};
 use crate::{
     Outcome,
     body::ResponseBody,
-    config::{InProgress, LedgerFailure, MissingKey},
+    config::{Config, InProgress, LedgerFailure, MissingKey},
     future::{Phase, ResponseFuture},
     layer::Shared,
     problem::{Rejection, RejectionKind, render},
@@ -253,7 +253,7 @@ where
 
         let scope = config.scope_of(&parts);
         let ledger_key = LedgerKey::new(&scope, &key);
-        let scope = ScopeDigest::new(&scope);
+        let scope = Config::scope_digest(&scope);
         let span = tracing::Span::current();
         span.record("key", tracing::field::display(&ledger_key));
         let fingerprint = match &config.fingerprint {
