@@ -8,7 +8,7 @@ use std::{error::Error as _, sync::Arc, time::Duration};
 use tokio::sync::Barrier;
 use tower_idempotency_core::{
     Claim, ClaimRequest, Fingerprint, IdempotencyKey, Ledger, LedgerError, LedgerKey, RecordState,
-    ScopeDigest, conformance::sample_response,
+    ScopeDigest, StoredResponse, conformance::sample_response,
 };
 use tower_idempotency_sqlx::{
     ConfigError, PostgresLedger, SqliteLedger,
@@ -344,32 +344,13 @@ fn postgres_notifies_watched_records_only_and_wakes_waiters_on_another_pool() {
         let other = PostgresLedger::new(common::pg_pool(&table.url).await)
             .with_table(&table.name)
             .expect("the same table");
-        let waiter_on = |key: &'static str| {
-            let other = other.clone();
-            tokio::spawn(async move {
-                loop {
-                    other
-                        .wait_for_change(&request(key, "body").key, Duration::from_secs(60))
-                        .await;
-                    match other.claim(&request(key, "body")).await.expect("claim") {
-                        Claim::Existing(e) => {
-                            if let RecordState::Completed(response) = e.state {
-                                return Some(response);
-                            }
-                        }
-                        // The key was released: the waiter's own claim won it.
-                        Claim::Acquired(_) => return None,
-                    }
-                }
-            })
-        };
 
         // A watched release notifies, and it is the first notification.
         let released = request("released", "body");
         let Claim::Acquired(lease) = table.ledger.claim(&released).await.expect("claim") else {
             panic!("acquired")
         };
-        let waiter = waiter_on("released");
+        let waiter = spawn_waiter(other.clone(), "released");
         wait_until_watched(&table, &released.key).await;
         table
             .ledger
@@ -388,7 +369,7 @@ fn postgres_notifies_watched_records_only_and_wakes_waiters_on_another_pool() {
         let Claim::Acquired(lease) = table.ledger.claim(&first).await.expect("claim") else {
             panic!("acquired")
         };
-        let waiter = waiter_on("k");
+        let waiter = spawn_waiter(other.clone(), "k");
         wait_until_watched(&table, &first.key).await;
         table
             .ledger
@@ -404,6 +385,30 @@ fn postgres_notifies_watched_records_only_and_wakes_waiters_on_another_pool() {
         other.pool().close().await;
         table.drop().await;
     });
+}
+
+/// A duplicate of `key` (body "body") waiting as the layer's `Wait` policy does: it waits for a
+/// change, then claims again, until the record is completed (`Some` of its response) or
+/// released (`None`: its own claim won the key).
+fn spawn_waiter(
+    ledger: PostgresLedger,
+    key: &'static str,
+) -> tokio::task::JoinHandle<Option<StoredResponse>> {
+    tokio::spawn(async move {
+        loop {
+            ledger
+                .wait_for_change(&request(key, "body").key, Duration::from_secs(60))
+                .await;
+            match ledger.claim(&request(key, "body")).await.expect("claim") {
+                Claim::Existing(e) => {
+                    if let RecordState::Completed(response) = e.state {
+                        return Some(response);
+                    }
+                }
+                Claim::Acquired(_) => return None,
+            }
+        }
+    })
 }
 
 /// Until a waiter has marked `key`'s record watched (bounded).
@@ -495,22 +500,7 @@ fn postgres_waiters_survive_a_lost_listener_connection() {
         let Claim::Acquired(lease) = table.ledger.claim(&first).await.expect("claim") else {
             panic!("acquired")
         };
-        let waiter = {
-            let ledger = table.ledger.clone();
-            tokio::spawn(async move {
-                loop {
-                    ledger
-                        .wait_for_change(&request("k", "body").key, Duration::from_secs(60))
-                        .await;
-                    if let Claim::Existing(e) =
-                        ledger.claim(&request("k", "body")).await.expect("claim")
-                        && let RecordState::Completed(response) = e.state
-                    {
-                        return response;
-                    }
-                }
-            })
-        };
+        let waiter = spawn_waiter(table.ledger.clone(), "k");
         // The waiter marks the record once `LISTEN` is in effect.
         wait_until_watched(&table, &first.key).await;
         let listeners = format!(
@@ -534,7 +524,7 @@ fn postgres_waiters_survive_a_lost_listener_connection() {
             .await
             .expect("the waiter saw the completion")
             .expect("the waiter did not panic");
-        assert_eq!(response, sample_response(b"done"));
+        assert_eq!(response, Some(sample_response(b"done")));
         // And the listener is back (bounded).
         let mut back = false;
         for _ in 0..300 {
