@@ -2,9 +2,9 @@
 //!
 //! Starts each server variant in this process on an ephemeral 127.0.0.1 port (bare axum, the
 //! layer on each ledger, peer crates), drives it with keep-alive HTTP/1.1 connections sending a
-//! 1 KiB JSON body to a trivial handler, on the fresh path (every key new) and on the replay path
-//! (keys reused), and prints requests per second and the ratio to bare axum measured in the same
-//! round. `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
+//! 1 KiB JSON body to a trivial handler (or, with `BENCH_HANDLER=json`, one that parses the body),
+//! on the fresh path (every key new) and on the replay path (keys reused), and prints requests per
+//! second, server CPU per request and the ratios to bare axum measured in the same round. `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
 //!
 //! ```sh
 //! # idempotent 2.0 declares rust-version 1.98 and builds on 1.95: hence --ignore-rust-version
@@ -26,7 +26,7 @@ use std::{
 };
 
 use axum::{
-    Router,
+    Json, Router,
     http::{Request, StatusCode, header},
     response::IntoResponse,
     routing::{get, post},
@@ -165,8 +165,38 @@ async fn serve(app: Router) -> (SocketAddr, JoinHandle<()>) {
     (addr, task)
 }
 
+/// The 1 KiB body's fields, for the handler that parses it.
+#[derive(serde::Deserialize)]
+#[allow(dead_code, reason = "parsed for the work of parsing, not read")]
+struct Payment {
+    amount: u64,
+    currency: String,
+    customer: String,
+    description: String,
+}
+
+/// A handler that does a little work, as most do: it parses the JSON body into a struct
+/// (`BENCH_HANDLER=json`), then answers like the trivial one.
+async fn create_payment_json(Json(payment): Json<Payment>) -> impl IntoResponse {
+    std::hint::black_box(payment);
+    (
+        StatusCode::CREATED,
+        [(header::CONTENT_TYPE, "application/json")],
+        RESPONSE,
+    )
+}
+
+/// `BENCH_HANDLER=json` swaps the trivial handler for [`create_payment_json`] in every variant.
+fn json_handler() -> bool {
+    std::env::var("BENCH_HANDLER").is_ok_and(|h| h == "json")
+}
+
 fn payments() -> Router {
-    Router::new().route("/payments", post(create_payment))
+    if json_handler() {
+        Router::new().route("/payments", post(create_payment_json))
+    } else {
+        Router::new().route("/payments", post(create_payment))
+    }
 }
 
 fn layered<L: Ledger + Clone>(ledger: L) -> Router {
@@ -518,9 +548,14 @@ async fn compare() -> bool {
         variants.retain(|v| *v == Variant::Bare || only.contains(v));
     }
     println!(
-        "compare: {conns} connections, 1 KiB JSON body, {secs} s per measurement after 1 s \
-         warm-up, {rounds} rounds; each variant runs between two bare-axum runs and its ratio is \
-         to their mean (the machine is shared: this cancels slow drifts in load)"
+        "compare: {conns} connections, 1 KiB JSON body, {} handler, {secs} s per measurement \
+         after 1 s warm-up, {rounds} rounds; each variant runs between two bare-axum runs and its \
+         ratio is to their mean (the machine is shared: this cancels slow drifts in load)",
+        if json_handler() {
+            "JSON-parsing"
+        } else {
+            "trivial"
+        }
     );
     let pid = std::process::id();
     let mut all_ok = true;
@@ -774,10 +809,11 @@ async fn main() {
             let m = measure(&server, variant, path, &run, conns, secs).await;
             server.stop().await;
             println!(
-                "{} {}: {:.0} req/s, unexpected {}, load {}",
+                "{} {}: {:.0} req/s, server {:.1} us/req, unexpected {}, load {}",
                 variant.name(),
                 path_tag(path),
                 m.rps,
+                m.server_us,
                 m.unexpected,
                 m.load
             );
