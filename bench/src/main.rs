@@ -4,7 +4,8 @@
 //! layer on each ledger, peer crates), drives it with keep-alive HTTP/1.1 connections sending a
 //! 1 KiB JSON body to a trivial handler (or, with `BENCH_HANDLER=json`, one that parses the body),
 //! on the fresh path (every key new) and on the replay path (keys reused), and prints requests per
-//! second, server CPU per request and the ratios to bare axum measured in the same round. `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
+//! second, server CPU per request and the ratios to bare axum measured in the same round.
+//! `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
 //!
 //! ```sh
 //! # idempotent 2.0 declares rust-version 1.98 and builds on 1.95: hence --ignore-rust-version
