@@ -169,7 +169,9 @@ impl Statements {
             )),
             // `held`, marking the record watched. A completion that committed first makes this
             // find no row (READ COMMITTED re-checks the WHERE against the committed row), so
-            // the waiter does not wait; one that comes after sees `watched` and notifies.
+            // the waiter does not wait; one that comes after sees `watched` and notifies. `claim`
+            // leaves the flag as it is when it takes a key over, so a waiter still waiting hears
+            // the new holder's completion.
             watch: sql(format!(
                 "UPDATE {t} SET watched = true WHERE key = $1 AND state = '{IN_PROGRESS}' \
                  AND expires_at > now() AND lease_until > now() RETURNING token"
