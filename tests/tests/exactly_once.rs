@@ -25,7 +25,7 @@ use tokio::{
 use tower_idempotency::{
     IdempotencyLayer, Ledger, LedgerError, LedgerTx, TransactionalLedger,
     core::{
-        Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, OperationStatus, ScopeDigest,
+        Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, RecordState, ScopeDigest,
         StoredResponse,
     },
 };
@@ -298,7 +298,7 @@ impl<L: Ledger> Ledger for Stalling<L> {
         &self,
         scope: &ScopeDigest,
         id: OperationId,
-    ) -> Result<Option<OperationStatus>, LedgerError> {
+    ) -> Result<Option<RecordState>, LedgerError> {
         self.inner.operation(scope, id).await
     }
     async fn purge_expired(&self, batch: usize) -> Result<u64, LedgerError> {

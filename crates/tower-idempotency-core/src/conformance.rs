@@ -50,7 +50,7 @@ use tokio::sync::Barrier;
 
 use crate::{
     Claim, ClaimRequest, Fingerprint, IdempotencyKey, Lease, Ledger, LedgerError, LedgerKey,
-    OperationStatus, RecordState, ScopeDigest, StoredResponse,
+    RecordState, ScopeDigest, StoredResponse,
 };
 
 /// Runs one check on a fresh multi-threaded runtime (4 workers, so claims really race), as the
@@ -426,7 +426,7 @@ pub async fn operation_lookup_is_scoped<L: Ledger>(ledger: L) {
     let id = lease.operation_id;
     assert_eq!(
         ledger.operation(&own, id).await.expect("lookup"),
-        Some(OperationStatus::InProgress)
+        Some(RecordState::InProgress)
     );
     assert_eq!(ledger.operation(&other, id).await.expect("lookup"), None);
     let response = sample_response(b"done");
@@ -436,7 +436,7 @@ pub async fn operation_lookup_is_scoped<L: Ledger>(ledger: L) {
         .expect("complete failed");
     assert_eq!(
         ledger.operation(&own, id).await.expect("lookup"),
-        Some(OperationStatus::Completed(response))
+        Some(RecordState::Completed(response))
     );
     assert_eq!(ledger.operation(&other, id).await.expect("lookup"), None);
     assert_eq!(

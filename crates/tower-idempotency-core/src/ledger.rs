@@ -3,7 +3,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use crate::{
-    Claim, FencingToken, Fingerprint, LedgerError, LedgerKey, OperationId, OperationStatus,
+    Claim, FencingToken, Fingerprint, LedgerError, LedgerKey, OperationId, RecordState,
     ScopeDigest, StoredResponse,
 };
 
@@ -114,7 +114,7 @@ pub trait Ledger: Send + Sync + 'static {
         &self,
         scope: &ScopeDigest,
         id: OperationId,
-    ) -> impl Future<Output = Result<Option<OperationStatus>, LedgerError>> + Send;
+    ) -> impl Future<Output = Result<Option<RecordState>, LedgerError>> + Send;
 
     /// Deletes every expired record, at most `batch` per statement or lock hold so that claims
     /// keep flowing, and returns how many were deleted.
@@ -178,7 +178,7 @@ impl<L: Ledger> Ledger for Arc<L> {
         &self,
         scope: &ScopeDigest,
         id: OperationId,
-    ) -> impl Future<Output = Result<Option<OperationStatus>, LedgerError>> + Send {
+    ) -> impl Future<Output = Result<Option<RecordState>, LedgerError>> + Send {
         (**self).operation(scope, id)
     }
 

@@ -32,6 +32,4 @@ pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, LedgerKey, MAX_KEY_LEN, ScopeDigest};
 pub use ledger::{ClaimRequest, Ledger, TransactionalLedger, purge_periodically};
 pub use memory::MemoryLedger;
-pub use record::{
-    Claim, Existing, FencingToken, Lease, OperationId, OperationStatus, RecordState, StoredResponse,
-};
+pub use record::{Claim, Existing, FencingToken, Lease, OperationId, RecordState, StoredResponse};

@@ -12,7 +12,7 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{
     Claim, ClaimRequest, Existing, FencingToken, Fingerprint, Lease, Ledger, LedgerError,
-    LedgerKey, OperationId, OperationStatus, RecordState, ScopeDigest, StoredResponse,
+    LedgerKey, OperationId, RecordState, ScopeDigest, StoredResponse,
 };
 
 /// A ledger in this process's memory: fast, and gone when the process exits.
@@ -334,7 +334,7 @@ impl Ledger for MemoryLedger {
         &self,
         scope: &ScopeDigest,
         id: OperationId,
-    ) -> Result<Option<OperationStatus>, LedgerError> {
+    ) -> Result<Option<RecordState>, LedgerError> {
         let Some(key) = self.operations(&id).get(&id).copied() else {
             return Ok(None);
         };
@@ -344,8 +344,8 @@ impl Ledger for MemoryLedger {
             .filter(|e| e.operation_id == id && e.scope == *scope)
             .filter(|e| e.expires_at > Instant::now())
             .map(|e| match &e.state {
-                State::InProgress { .. } => OperationStatus::InProgress,
-                State::Completed(response) => OperationStatus::Completed(response.clone()),
+                State::InProgress { .. } => RecordState::InProgress,
+                State::Completed(response) => RecordState::Completed(response.clone()),
             }))
     }
 

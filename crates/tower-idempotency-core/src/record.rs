@@ -141,10 +141,12 @@ pub struct Lease {
     pub taken_over: bool,
 }
 
-/// The state of a record that a claim found and did not take.
+/// The state of a record: what a claim found and did not take, and what the operation-status
+/// resource reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordState {
-    /// Another request holds a live lease on the key (or held it with another fingerprint).
+    /// Another request holds the key (a live lease, or one that expired and that nobody has
+    /// taken over yet).
     InProgress,
     /// The key completed; this is the response to replay.
     Completed(StoredResponse),
@@ -168,13 +170,4 @@ pub enum Claim {
     Acquired(Lease),
     /// The key is held or completed by another request; nothing was written.
     Existing(Existing),
-}
-
-/// The state of an operation, as the operation-status resource reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum OperationStatus {
-    /// Still running (or its lease expired and nobody has taken it over yet).
-    InProgress,
-    /// Finished; the stored response.
-    Completed(StoredResponse),
 }

@@ -5,9 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
-use tower_idempotency_core::{
-    Fingerprint, LedgerError, OperationStatus, RecordState, StoredResponse,
-};
+use tower_idempotency_core::{Fingerprint, LedgerError, RecordState, StoredResponse};
 
 pub(crate) const IN_PROGRESS: &str = "in_progress";
 pub(crate) const COMPLETED: &str = "completed";
@@ -30,13 +28,6 @@ impl StoredColumns {
                 "unknown record state {other:?}"
             ))),
         }
-    }
-
-    pub(crate) fn into_operation(self) -> Result<OperationStatus, LedgerError> {
-        Ok(match self.into_state()? {
-            RecordState::InProgress => OperationStatus::InProgress,
-            RecordState::Completed(response) => OperationStatus::Completed(response),
-        })
     }
 
     fn into_response(self) -> Result<StoredResponse, LedgerError> {

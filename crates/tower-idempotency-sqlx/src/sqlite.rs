@@ -14,7 +14,7 @@ use sqlx::{
 use tokio::time::Instant;
 use tower_idempotency_core::{
     Claim, ClaimRequest, Existing, FencingToken, Lease, Ledger, LedgerError, LedgerKey,
-    OperationId, OperationStatus, ScopeDigest, StoredResponse, TransactionalLedger,
+    OperationId, RecordState, ScopeDigest, StoredResponse, TransactionalLedger,
 };
 use uuid::Uuid;
 
@@ -381,7 +381,7 @@ impl Ledger for SqliteLedger {
         &self,
         scope: &ScopeDigest,
         id: OperationId,
-    ) -> Result<Option<OperationStatus>, LedgerError> {
+    ) -> Result<Option<RecordState>, LedgerError> {
         sqlx::query(self.sql.operation.clone())
             .bind(id)
             .bind(&scope.as_bytes()[..])
@@ -389,7 +389,7 @@ impl Ledger for SqliteLedger {
             .fetch_optional(&self.pool)
             .await
             .map_err(row::error)?
-            .map(|r| columns(&r)?.into_operation())
+            .map(|r| columns(&r)?.into_state())
             .transpose()
     }
 

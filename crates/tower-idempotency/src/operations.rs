@@ -9,7 +9,7 @@ use axum::{
     routing::get,
 };
 use http::{HeaderValue, header, request::Parts};
-use tower_idempotency_core::{Ledger, OperationStatus};
+use tower_idempotency_core::{Ledger, RecordState};
 use uuid::Uuid;
 
 use crate::{
@@ -76,7 +76,7 @@ async fn status<L: Ledger>(shared: Arc<Shared<L>>, parts: Parts, id: String) -> 
         .await;
     match lookup {
         Ok(None) => not_found(),
-        Ok(Some(OperationStatus::InProgress)) => {
+        Ok(Some(RecordState::InProgress)) => {
             let body = serde_json::json!({ "operation_id": id, "status": "in_progress" });
             let mut response = axum::Json(body).into_response();
             response.headers_mut().insert(
@@ -85,7 +85,7 @@ async fn status<L: Ledger>(shared: Arc<Shared<L>>, parts: Parts, id: String) -> 
             );
             response
         }
-        Ok(Some(OperationStatus::Completed(stored))) => {
+        Ok(Some(RecordState::Completed(stored))) => {
             replay::<axum::body::Body>(stored).into_response()
         }
         Err(error) => {

@@ -24,7 +24,7 @@ use support::*;
 use tower_idempotency::{
     IdempotencyLayer, Ledger, LedgerError, LedgerTx, TransactionalLedger,
     core::{
-        Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, OperationStatus, ScopeDigest,
+        Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, RecordState, ScopeDigest,
         StoredResponse,
     },
 };
@@ -85,7 +85,7 @@ impl Ledger for TxLedger {
         &self,
         scope: &ScopeDigest,
         id: OperationId,
-    ) -> Result<Option<OperationStatus>, LedgerError> {
+    ) -> Result<Option<RecordState>, LedgerError> {
         self.inner.operation(scope, id).await
     }
     async fn purge_expired(&self, batch: usize) -> Result<u64, LedgerError> {

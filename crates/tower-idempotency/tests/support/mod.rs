@@ -21,7 +21,7 @@ use tower::ServiceExt;
 use tower_idempotency::{
     Ledger, LedgerError, MemoryLedger,
     core::{
-        Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, OperationStatus, ScopeDigest,
+        Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, RecordState, ScopeDigest,
         StoredResponse,
     },
 };
@@ -184,7 +184,7 @@ impl Ledger for Switchable {
         &self,
         scope: &ScopeDigest,
         id: OperationId,
-    ) -> Result<Option<OperationStatus>, LedgerError> {
+    ) -> Result<Option<RecordState>, LedgerError> {
         self.check()?;
         self.inner.operation(scope, id).await
     }
