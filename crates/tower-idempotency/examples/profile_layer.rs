@@ -1,5 +1,7 @@
-//! A fixed workload for profiling the layer's own cost with callgrind (instruction counts do not
-//! depend on machine load): `N` fresh requests then `N` replays through `IdempotencyLayer`.
+//! Not an example of use: a fixed workload for profiling the layer's own cost with callgrind
+//! (instruction counts do not depend on machine load): `N` fresh requests then `N` replays
+//! through `IdempotencyLayer`. The examples to read are `quick_start.rs` here and
+//! `tower-idempotency-sqlx`'s `examples/`.
 //!
 //! ```sh
 //! CARGO_PROFILE_RELEASE_DEBUG=true cargo build --release -p tower-idempotency --example profile_layer
