@@ -10,7 +10,7 @@ use std::{
     process::Stdio,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -22,13 +22,8 @@ use tokio::{
     net::TcpStream,
     process::{Child, ChildStdout, Command},
 };
-use tower_idempotency::{
-    IdempotencyLayer, Ledger, LedgerError, LedgerTx, TransactionalLedger,
-    core::{
-        Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, RecordState, ScopeDigest,
-        StoredResponse,
-    },
-};
+use tower_idempotency::{IdempotencyLayer, LedgerTx};
+use tower_idempotency_core::conformance::FaultyLedger;
 use tower_idempotency_sqlx::{
     PostgresLedger, SqliteLedger,
     sqlx::{self, AssertSqlSafe},
@@ -256,81 +251,6 @@ async fn without_transactions_a_crash_charges_twice_postgres() {
     );
 }
 
-/// A SQL ledger whose renewals can be silently dropped: a holder stalled by a pause or a
-/// partition, whose lease then expires under it.
-#[derive(Clone)]
-struct Stalling<L> {
-    inner: L,
-    drop_renewals: Arc<AtomicBool>,
-}
-
-impl<L: Ledger> Ledger for Stalling<L> {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
-        self.inner.claim(request).await
-    }
-    async fn complete(
-        &self,
-        key: &LedgerKey,
-        token: FencingToken,
-        response: &StoredResponse,
-        retention: Duration,
-    ) -> Result<(), LedgerError> {
-        self.inner.complete(key, token, response, retention).await
-    }
-    async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &LedgerKey,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<(), LedgerError> {
-        if self.drop_renewals.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.inner.renew(key, token, lease).await
-    }
-    async fn operation(
-        &self,
-        scope: &ScopeDigest,
-        id: OperationId,
-    ) -> Result<Option<RecordState>, LedgerError> {
-        self.inner.operation(scope, id).await
-    }
-    async fn purge_expired(&self, batch: usize) -> Result<u64, LedgerError> {
-        self.inner.purge_expired(batch).await
-    }
-    async fn wait_for_change(&self, key: &LedgerKey, timeout: Duration) {
-        self.inner.wait_for_change(key, timeout).await
-    }
-}
-
-impl<L: TransactionalLedger> TransactionalLedger for Stalling<L> {
-    type Transaction = L::Transaction;
-    async fn begin(&self) -> Result<L::Transaction, LedgerError> {
-        self.inner.begin().await
-    }
-    async fn complete_in(
-        &self,
-        tx: L::Transaction,
-        key: &LedgerKey,
-        token: FencingToken,
-        response: &StoredResponse,
-        retention: Duration,
-    ) -> Result<(), LedgerError> {
-        self.inner
-            .complete_in(tx, key, token, response, retention)
-            .await
-    }
-    async fn rollback(&self, tx: L::Transaction) -> Result<(), LedgerError> {
-        self.inner.rollback(tx).await
-    }
-}
-
 /// The first holder stalls (its renewals lost) and finishes after a retry took its key over: its
 /// writes roll back, only the new holder's payment exists, and the replay is the new holder's.
 /// `write_first`: whether the stalled holder writes before stalling (PostgreSQL) or after
@@ -345,10 +265,9 @@ macro_rules! takeover_race {
         .execute(inner.pool())
         .await
         .unwrap();
-        let ledger = Stalling {
-            inner: inner.clone(),
-            drop_renewals: Arc::new(AtomicBool::new(true)),
-        };
+        // Renewals silently dropped: a holder stalled by a pause or a partition.
+        let ledger = FaultyLedger::new(inner.clone());
+        ledger.faults().drop_renewals(true);
         let (runs, gate) = (
             Arc::new(AtomicUsize::new(0)),
             Arc::new(tokio::sync::Notify::new()),
@@ -368,7 +287,7 @@ macro_rules! takeover_race {
                 .route(
                     "/payments",
                     post(
-                        move |mut tx: LedgerTx<Stalling<$ledger_ty>>, _body: Bytes| {
+                        move |mut tx: LedgerTx<FaultyLedger<$ledger_ty>>, _body: Bytes| {
                             let (runs, gate, insert) = (runs.clone(), gate.clone(), insert.clone());
                             async move {
                                 let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
@@ -414,7 +333,7 @@ macro_rules! takeover_race {
 
         // The stall lasts until the retry took over (a renewal allowed earlier could revive it).
         let (status, _, body) = call(app.clone()).await;
-        ledger.drop_renewals.store(false, Ordering::SeqCst);
+        ledger.faults().drop_renewals(false);
         assert_eq!((status, &body[..]), (StatusCode::CREATED, &b"holder 2"[..]));
         gate.notify_one();
         let (status, _, _) = stalled.await.unwrap();

@@ -234,15 +234,15 @@ async fn a_body_over_the_limit_is_413_without_being_read() {
 #[tokio::test]
 async fn a_failing_ledger_is_503_and_the_handler_does_not_run_unless_fail_open() {
     let runs = Runs::default();
-    let ledger = Switchable::default();
-    ledger.fail.store(true, Ordering::SeqCst);
+    let ledger = Faulty::default();
+    ledger.faults().fail_all(true);
     let app = payments(runs.clone(), Duration::ZERO).layer(IdempotencyLayer::new(ledger.clone()));
     let (response, body) = send(&app, pay("k", BODY)).await;
     assert_problem(&response, &body, 503, "ledger-unavailable", "k");
     assert_eq!(response.headers()[header::RETRY_AFTER], "1");
     assert_eq!(runs.get(), 0);
 
-    ledger.fail.store(false, Ordering::SeqCst);
+    ledger.faults().fail_all(false);
     assert_eq!(
         send(&app, pay("k", BODY)).await.0.status(),
         StatusCode::CREATED,
@@ -250,7 +250,7 @@ async fn a_failing_ledger_is_503_and_the_handler_does_not_run_unless_fail_open()
     );
     assert_eq!(runs.get(), 1);
 
-    ledger.fail.store(true, Ordering::SeqCst);
+    ledger.faults().fail_all(true);
     let open = IdempotencyLayer::builder(ledger.clone())
         .with_ledger_failure(LedgerFailure::FailOpen)
         .build()
@@ -265,7 +265,7 @@ async fn a_failing_ledger_is_503_and_the_handler_does_not_run_unless_fail_open()
 
 #[tokio::test]
 async fn uncovered_methods_pass_through_without_touching_the_ledger() {
-    let ledger = Switchable::default();
+    let ledger = Faulty::default();
     let app = Router::new()
         .route(
             "/payments",
@@ -282,7 +282,7 @@ async fn uncovered_methods_pass_through_without_touching_the_ledger() {
         .body(Body::empty())
         .unwrap();
     assert_eq!(send(&app, put).await.1, "put");
-    assert_eq!(ledger.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(ledger.faults().total_calls(), 0);
     assert!(response.extensions().get::<Outcome>().is_none());
 }
 
@@ -670,7 +670,7 @@ async fn wait_policy_times_out_into_409() {
 
 #[tokio::test]
 async fn a_holder_whose_lease_was_taken_over_cannot_overwrite_the_new_result() {
-    let ledger = Switchable::default();
+    let ledger = Faulty::default();
     let runs = Runs::default();
     let release_first = Arc::new(tokio::sync::Notify::new());
     let (handler_runs, gate) = (runs.clone(), release_first.clone());
@@ -695,7 +695,7 @@ async fn a_holder_whose_lease_was_taken_over_cannot_overwrite_the_new_result() {
         )
         .layer(layer);
 
-    ledger.drop_renewals.store(true, Ordering::SeqCst);
+    ledger.faults().drop_renewals(true);
     let first = tokio::spawn({
         let app = app.clone();
         async move { send(&app, pay("k", BODY)).await }
@@ -705,7 +705,7 @@ async fn a_holder_whose_lease_was_taken_over_cannot_overwrite_the_new_result() {
     // The lease expired: the retry takes the key over and completes. (The stall lasts until
     // then: a renewal allowed earlier could revive the lease before the retry's claim.)
     let (second, body) = send(&app, pay("k", BODY)).await;
-    ledger.drop_renewals.store(false, Ordering::SeqCst);
+    ledger.faults().drop_renewals(false);
     assert_eq!(
         (second.status(), &body[..]),
         (StatusCode::CREATED, &b"holder 2"[..])
@@ -755,13 +755,17 @@ async fn renewal_keeps_a_slow_handler_from_being_taken_over() {
 /// the layer gives it back, and the retry runs the handler, once.
 #[tokio::test]
 async fn a_client_that_leaves_while_the_claim_is_answered_does_not_strand_the_key() {
-    let ledger = Switchable::default();
-    ledger.claim_answer_delay_ms.store(200, Ordering::SeqCst);
+    let ledger = Faulty::default();
+    ledger
+        .faults()
+        .delay_answers(Op::Claim, Duration::from_millis(200));
     let runs = Runs::default();
     let app = payments(runs.clone(), Duration::ZERO).layer(IdempotencyLayer::new(ledger.clone()));
     let gave_up = tokio::time::timeout(Duration::from_millis(50), send(&app, pay("k", BODY))).await;
     assert!(gave_up.is_err(), "the client left during the claim");
-    ledger.claim_answer_delay_ms.store(0, Ordering::SeqCst);
+    ledger
+        .faults()
+        .delay_answers(Op::Claim, Duration::from_millis(0));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (retry, body) = send(&app, pay("k", BODY)).await;
     assert_eq!(

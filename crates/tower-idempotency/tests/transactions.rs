@@ -8,10 +8,7 @@ mod support;
 
 use std::{
     ops::{Deref, DerefMut},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -22,7 +19,7 @@ use axum::{
 };
 use support::*;
 use tower_idempotency::{
-    IdempotencyLayer, Ledger, LedgerError, LedgerTx, TransactionalLedger,
+    IdempotencyLayer, Ledger, LedgerError, LedgerTx, MemoryLedger, TransactionalLedger,
     core::{
         Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, RecordState, ScopeDigest,
         StoredResponse,
@@ -46,15 +43,17 @@ impl DerefMut for Writes {
     }
 }
 
-/// A `Switchable` memory ledger plus a "payments table" that transactions commit into.
+/// A memory ledger plus a "payments table" that transactions commit into. The tests wrap it
+/// in core's `FaultyLedger` to fail a commit or drop renewals.
 #[derive(Clone, Default)]
-struct TxLedger {
-    inner: Switchable,
+struct TableLedger {
+    inner: MemoryLedger,
     table: Arc<Mutex<Vec<String>>>,
-    fail_commit: Arc<AtomicBool>,
 }
 
-impl Ledger for TxLedger {
+type TxLedger = FaultyLedger<TableLedger>;
+
+impl Ledger for TableLedger {
     fn name(&self) -> &'static str {
         "tx-test"
     }
@@ -96,7 +95,7 @@ impl Ledger for TxLedger {
     }
 }
 
-impl TransactionalLedger for TxLedger {
+impl TransactionalLedger for TableLedger {
     type Transaction = Writes;
 
     async fn begin(&self) -> Result<Writes, LedgerError> {
@@ -111,17 +110,9 @@ impl TransactionalLedger for TxLedger {
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<(), LedgerError> {
-        if self.fail_commit.load(Ordering::SeqCst) {
-            return Err(LedgerError::backend(std::io::Error::other(
-                "commit failed (test)",
-            )));
-        }
         // The memory ledger's fenced complete stands in for the UPDATE inside the transaction;
         // its table writes are applied only if that succeeds, as a COMMIT would.
-        self.inner
-            .inner
-            .complete(key, token, response, retention)
-            .await?;
+        self.inner.complete(key, token, response, retention).await?;
         self.table.lock().unwrap().extend(tx.0);
         Ok(())
     }
@@ -171,7 +162,7 @@ fn app(
 }
 
 fn table(ledger: &TxLedger) -> Vec<String> {
-    ledger.table.lock().unwrap().clone()
+    ledger.inner().table.lock().unwrap().clone()
 }
 
 #[tokio::test]
@@ -224,11 +215,10 @@ async fn a_failed_commit_writes_nothing_answers_503_and_a_retry_runs_again() {
         StatusCode::CREATED,
         Duration::from_secs(30),
     );
-    ledger.fail_commit.store(true, Ordering::SeqCst);
+    ledger.faults().fail_next(Op::CompleteIn, 1);
     let (response, body) = send(&app, pay("commit-key", BODY)).await;
     assert_problem(&response, &body, 503, "ledger-unavailable", "commit-key");
     assert!(table(&ledger).is_empty());
-    ledger.fail_commit.store(false, Ordering::SeqCst);
     assert_eq!(
         send(&app, pay("commit-key", BODY)).await.0.status(),
         StatusCode::CREATED
@@ -248,7 +238,7 @@ async fn a_holder_whose_lease_was_taken_over_loses_its_writes() {
         Duration::from_millis(300),
     );
 
-    ledger.inner.drop_renewals.store(true, Ordering::SeqCst);
+    ledger.faults().drop_renewals(true);
     let stalled = tokio::spawn({
         let app = app.clone();
         async move { send(&app, pay("k", BODY)).await }
@@ -257,7 +247,7 @@ async fn a_holder_whose_lease_was_taken_over_loses_its_writes() {
 
     // The stall lasts until the retry took over (a renewal allowed earlier could revive it).
     let (retry, body) = send(&app, pay("k", BODY)).await;
-    ledger.inner.drop_renewals.store(false, Ordering::SeqCst);
+    ledger.faults().drop_renewals(false);
     assert_eq!(
         (retry.status(), &body[..]),
         (StatusCode::CREATED, &b"holder 2"[..])
@@ -281,7 +271,7 @@ async fn a_holder_whose_lease_was_taken_over_loses_its_writes() {
 /// two payments for one key. This is the double charge the transactional mode prevents.
 #[tokio::test]
 async fn without_transactions_the_same_takeover_charges_twice() {
-    let ledger = Switchable::default();
+    let ledger = Faulty::default();
     let (runs, table) = (Runs::default(), Arc::new(Mutex::new(Vec::<String>::new())));
     let gate = Arc::new(tokio::sync::Notify::new());
     let layer = IdempotencyLayer::builder(ledger.clone())
@@ -307,14 +297,14 @@ async fn without_transactions_the_same_takeover_charges_twice() {
             )
             .layer(layer)
     };
-    ledger.drop_renewals.store(true, Ordering::SeqCst);
+    ledger.faults().drop_renewals(true);
     let stalled = tokio::spawn({
         let app = app.clone();
         async move { send(&app, pay("k", BODY)).await }
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
     send(&app, pay("k", BODY)).await;
-    ledger.drop_renewals.store(false, Ordering::SeqCst);
+    ledger.faults().drop_renewals(false);
     gate.notify_one();
     stalled.await.unwrap();
     assert_eq!(

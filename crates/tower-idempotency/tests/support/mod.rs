@@ -1,11 +1,11 @@
 //! Shared pieces of the layer's tests: an app that counts handler runs, request helpers, and a
-//! ledger wrapper that can fail or stall on command.
+//! memory ledger that can fail or stall on command (core's `FaultyLedger`).
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -18,13 +18,7 @@ use axum::{
 };
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{
-    Ledger, LedgerError, MemoryLedger,
-    core::{
-        Claim, ClaimRequest, FencingToken, LedgerKey, OperationId, RecordState, ScopeDigest,
-        StoredResponse,
-    },
-};
+use tower_idempotency::MemoryLedger;
 
 /// Counts handler runs.
 #[derive(Clone, Default)]
@@ -115,84 +109,8 @@ pub fn assert_problem(response: &Response<()>, body: &Bytes, status: u16, slug: 
     }
 }
 
-/// A ledger that counts calls and, on command, fails every call or silently drops renewals (a
-/// holder stalled by a pause or a partition, whose lease then expires).
-#[derive(Clone, Default)]
-pub struct Switchable {
-    pub inner: MemoryLedger,
-    pub fail: Arc<AtomicBool>,
-    pub drop_renewals: Arc<AtomicBool>,
-    pub calls: Arc<AtomicUsize>,
-    /// Milliseconds a claim takes to answer after it took effect (a slow network round trip).
-    pub claim_answer_delay_ms: Arc<AtomicUsize>,
-}
+#[allow(unused_imports)] // not every test file uses every name
+pub use tower_idempotency_core::conformance::{FaultyLedger, Op};
 
-impl Switchable {
-    fn check(&self) -> Result<(), LedgerError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.fail.load(Ordering::SeqCst) {
-            Err(LedgerError::backend(std::io::Error::new(
-                std::io::ErrorKind::ConnectionRefused,
-                "ledger down (test)",
-            )))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-impl Ledger for Switchable {
-    fn name(&self) -> &'static str {
-        "switchable"
-    }
-    async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
-        self.check()?;
-        let claimed = self.inner.claim(request).await;
-        let delay = self.claim_answer_delay_ms.load(Ordering::SeqCst) as u64;
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
-        }
-        claimed
-    }
-    async fn complete(
-        &self,
-        key: &LedgerKey,
-        token: FencingToken,
-        response: &StoredResponse,
-        retention: Duration,
-    ) -> Result<(), LedgerError> {
-        self.check()?;
-        self.inner.complete(key, token, response, retention).await
-    }
-    async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
-        self.check()?;
-        self.inner.release(key, token).await
-    }
-    async fn renew(
-        &self,
-        key: &LedgerKey,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<(), LedgerError> {
-        self.check()?;
-        if self.drop_renewals.load(Ordering::SeqCst) {
-            return Ok(());
-        }
-        self.inner.renew(key, token, lease).await
-    }
-    async fn operation(
-        &self,
-        scope: &ScopeDigest,
-        id: OperationId,
-    ) -> Result<Option<RecordState>, LedgerError> {
-        self.check()?;
-        self.inner.operation(scope, id).await
-    }
-    async fn purge_expired(&self, batch: usize) -> Result<u64, LedgerError> {
-        self.check()?;
-        self.inner.purge_expired(batch).await
-    }
-    async fn wait_for_change(&self, key: &LedgerKey, timeout: Duration) {
-        self.inner.wait_for_change(key, timeout).await
-    }
-}
+/// A memory ledger that fails, stalls or answers late on command, and counts its calls.
+pub type Faulty = FaultyLedger<MemoryLedger>;
