@@ -386,11 +386,18 @@ impl Ledger for MemoryLedger {
         // Subscribe under the shard lock: every change is made under the same lock and sent after
         // it, so no completion can slip between the caller's claim and this subscription unseen
         // (a change before it is seen by the caller's next claim).
+        // A record that is already completed (or whose lease already lapsed) has nothing left
+        // to wait for: nobody will notify it again, so subscribing would sleep out the timeout.
         let mut rx = {
             let mut records = self.records(key);
             let Some(entry) = records.get_mut(key) else {
                 return;
             };
+            match entry.state {
+                State::Completed(_) => return,
+                State::InProgress { lease_until, .. } if lease_until <= Instant::now() => return,
+                State::InProgress { .. } => {}
+            }
             entry
                 .changed
                 .get_or_insert_with(|| watch::channel(()).0)
@@ -415,6 +422,45 @@ mod tests {
             Duration::from_secs(30),
             Duration::from_secs(3600),
         )
+    }
+
+    /// A completion that lands between a duplicate's claim and its wait is seen at once, never
+    /// at the wait's timeout (issue 14). Time is paused, so a missed completion shows as the
+    /// whole timeout elapsed, not as a slow test.
+    #[tokio::test(start_paused = true)]
+    async fn a_completion_before_the_wait_is_not_waited_out() {
+        let ledger = MemoryLedger::new();
+        let timeout = Duration::from_secs(3);
+        for i in 0..1_000 {
+            let request = claim(&format!("race-{i}"), b"x");
+            let Ok(Claim::Acquired(lease)) = ledger.claim(&request).await else {
+                panic!("not acquired");
+            };
+            let Ok(Claim::Existing(_)) = ledger.claim(&request).await else {
+                panic!("the duplicate acquired the key");
+            };
+            let response = StoredResponse {
+                status: http::StatusCode::OK,
+                headers: Default::default(),
+                body: bytes::Bytes::from_static(b"ok"),
+                body_omitted: false,
+            };
+            ledger
+                .complete(
+                    &request.key,
+                    lease.token,
+                    &response,
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap();
+            let started = Instant::now();
+            ledger.wait_for_change(&request.key, timeout).await;
+            assert!(
+                started.elapsed() < timeout,
+                "iteration {i}: the wait missed a completion and ran out its timeout"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -73,17 +73,18 @@ fn assert_lease_lost(result: Result<(), LedgerError>, what: &str) {
     }
 }
 
-/// 64 tasks claim one absent key at once, released together by a barrier: exactly one acquires
-/// it; the other 63 see it in progress.
-pub async fn concurrent_claims_have_one_winner<L: Ledger>(ledger: L) {
-    const TASKS: usize = 64;
-    let ledger = Arc::new(ledger);
-    let barrier = Arc::new(Barrier::new(TASKS));
-    let tasks: Vec<_> = (0..TASKS)
+/// How many claims race in the race checks.
+const RACERS: usize = 64;
+
+/// `RACERS` tasks claim `key` at once, released together by a barrier; how many acquired it
+/// (the others must all see it in progress).
+async fn race<L: Ledger>(ledger: Arc<L>, key: &'static str) -> usize {
+    let barrier = Arc::new(Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
         .map(|_| {
             let (ledger, barrier) = (ledger.clone(), barrier.clone());
             tokio::spawn(async move {
-                let request = long("race");
+                let request = long(key);
                 barrier.wait().await;
                 ledger.claim(&request).await.expect("claim failed")
             })
@@ -96,9 +97,74 @@ pub async fn concurrent_claims_have_one_winner<L: Ledger>(ledger: L) {
             Claim::Existing(e) => assert_eq!(e.state, RecordState::InProgress),
         }
     }
+    acquired
+}
+
+/// 64 tasks claim one absent key at once, released together by a barrier: exactly one acquires
+/// it; the other 63 see it in progress.
+pub async fn concurrent_claims_have_one_winner<L: Ledger>(ledger: L) {
+    let acquired = race(Arc::new(ledger), "race").await;
     assert_eq!(
         acquired, 1,
-        "exactly one of {TASKS} concurrent claims must win"
+        "exactly one of {RACERS} concurrent claims of an absent key must win"
+    );
+}
+
+/// 64 tasks race to take over one key whose lease lapsed: exactly one takes it over.
+pub async fn concurrent_takeovers_have_one_winner<L: Ledger>(ledger: L) {
+    let ledger = Arc::new(ledger);
+    let dead = request(
+        "race",
+        "scope",
+        "body",
+        Duration::from_millis(200),
+        Duration::from_secs(3600),
+    );
+    acquire(&*ledger, &dead).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acquired = race(ledger, "race").await;
+    assert_eq!(
+        acquired, 1,
+        "exactly one of {RACERS} concurrent takeovers of a lapsed lease must win"
+    );
+}
+
+/// 64 tasks race to claim one key whose completed record expired: exactly one claims it.
+pub async fn concurrent_claims_of_an_expired_record_have_one_winner<L: Ledger>(ledger: L) {
+    let ledger = Arc::new(ledger);
+    let first = long("race");
+    let lease = acquire(&*ledger, &first).await;
+    let response = sample_response(b"old");
+    let retention = Duration::from_millis(200);
+    ledger
+        .complete(&first.key, lease.token, &response, retention)
+        .await
+        .expect("complete failed");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acquired = race(ledger, "race").await;
+    assert_eq!(
+        acquired, 1,
+        "exactly one of {RACERS} concurrent claims of an expired record must win"
+    );
+}
+
+/// A wait on a record that is already completed returns at once: nothing will change it again,
+/// so a ledger that subscribes and sleeps would hold a `Wait` duplicate for its whole timeout.
+pub async fn a_wait_on_a_completed_record_returns_at_once<L: Ledger>(ledger: L) {
+    let first = long("k");
+    let lease = acquire(&ledger, &first).await;
+    ledger
+        .complete(&first.key, lease.token, &sample_response(b"ok"), LONG)
+        .await
+        .expect("complete failed");
+    // Far below the wait's own timeout: only a missed completion can take this long.
+    let waited = tokio::time::timeout(
+        Duration::from_secs(10),
+        ledger.wait_for_change(&first.key, Duration::from_secs(600)),
+    );
+    assert!(
+        waited.await.is_ok(),
+        "the wait on a completed record did not return"
     );
 }
 

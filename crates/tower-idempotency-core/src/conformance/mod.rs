@@ -114,6 +114,9 @@ macro_rules! ledger_conformance_tests {
     (@cases [$kind:ident] $make:expr) => {
         $crate::ledger_conformance_tests!(@each [$kind] $make;
             concurrent_claims_have_one_winner,
+            concurrent_takeovers_have_one_winner,
+            concurrent_claims_of_an_expired_record_have_one_winner,
+            a_wait_on_a_completed_record_returns_at_once,
             live_claim_is_in_progress,
             completed_claim_returns_response,
             wrong_token_is_fenced,
