@@ -251,11 +251,17 @@ impl RedisLedgerBuilder {
             .response_timeout(self.response_timeout)
             .connection_timeout(self.response_timeout)
             .build()?;
-        let connection = bounded(self.response_timeout * 3, client.get_async_connection()).await??;
+        let connection =
+            bounded(self.response_timeout * 3, client.get_async_connection()).await??;
         Ok(self.finish(Connection::Cluster(connection), clients, true))
     }
 
-    fn finish(self, connection: Connection, clients: Vec<redis::Client>, cluster: bool) -> RedisLedger {
+    fn finish(
+        self,
+        connection: Connection,
+        clients: Vec<redis::Client>,
+        cluster: bool,
+    ) -> RedisLedger {
         let channel = format!("{}changed", self.prefix);
         RedisLedger {
             inner: Arc::new(Inner {
@@ -601,13 +607,14 @@ impl Ledger for RedisLedger {
         self.call(async {
             let mut get = redis::cmd("GET");
             get.arg(self.operation_key(id));
-            let record: Option<Vec<u8>> =
-                self.inner.connection.query(&get).await.map_err(error)?;
+            let record: Option<Vec<u8>> = self.inner.connection.query(&get).await.map_err(error)?;
             let Some(record) = record else {
                 return Ok(None);
             };
             if !record.starts_with(self.inner.prefix.as_bytes()) {
-                return Err(LedgerError::corrupt("operation index points outside the ledger"));
+                return Err(LedgerError::corrupt(
+                    "operation index points outside the ledger",
+                ));
             }
             let mut hmget = redis::cmd("HMGET");
             hmget.arg(&record).arg("sc").arg("op").arg("st").arg("rs");

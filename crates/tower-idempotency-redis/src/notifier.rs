@@ -209,7 +209,10 @@ async fn run(clients: Arc<[redis::Client]>, channel: String, shared: Arc<Shared>
 
 type Subscription = (redis::aio::PubSubSink, redis::aio::PubSubStream);
 
-async fn subscribe(client: &redis::Client, channel: &str) -> Result<Subscription, redis::RedisError> {
+async fn subscribe(
+    client: &redis::Client,
+    channel: &str,
+) -> Result<Subscription, redis::RedisError> {
     let attempt = async {
         let (mut sink, stream) = client.get_async_pubsub().await?.split();
         sink.subscribe(channel).await?;
