@@ -1,0 +1,664 @@
+//! The ledger conformance suite against `RedisLedger`: on the server at `REDIS_URL` (each check
+//! under a key prefix of its own, its keys deleted after it), and on a 3-master Redis Cluster
+//! that this file starts itself. Then Redis outages: a paused server, a killed and restarted
+//! one. Without `REDIS_URL` each test says it is skipped (and fails if `CI=true`).
+//!
+//! The Cluster and the outage servers are `redis-server` processes on free loopback ports, in a
+//! temporary directory, killed by pid when their guard drops (a failing test included).
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use redis::AsyncCommands;
+use tower_idempotency_core::{
+    Claim, ClaimRequest, Fingerprint, IdempotencyKey, Ledger, LedgerError, LedgerKey, RecordState,
+    ScopeDigest, conformance,
+};
+use tower_idempotency_redis::{RedisLedger, redis};
+
+/// The Redis URL from `REDIS_URL`, read at run time. Unset (or empty): the caller skips, and
+/// this prints a line saying so, unless `CI=true`, where a missing service is a failure.
+fn redis_url() -> Option<String> {
+    match std::env::var("REDIS_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
+            panic!("REDIS_URL is not set, and CI=true: the Redis tests must run in CI")
+        }
+        _ => {
+            eprintln!("SKIPPED: REDIS_URL is not set, so this Redis test did not run");
+            None
+        }
+    }
+}
+
+/// A prefix no other test (in this process or another) uses.
+fn unique_prefix() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!(
+        "ti-test:{}:{}:{nanos}:",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A ledger under a fresh prefix on the `REDIS_URL` server; its keys are deleted afterwards.
+struct Prefixed {
+    ledger: RedisLedger,
+    url: String,
+}
+
+impl Prefixed {
+    async fn create() -> Option<Self> {
+        let url = redis_url()?;
+        let ledger = RedisLedger::builder()
+            .with_prefix(&unique_prefix())
+            .expect("a valid prefix")
+            .connect(url.as_str())
+            .await
+            .expect("connect to REDIS_URL");
+        Some(Self { ledger, url })
+    }
+}
+
+impl conformance::Fixture for Prefixed {
+    type Ledger = RedisLedger;
+
+    fn ledger(&self) -> RedisLedger {
+        self.ledger.clone()
+    }
+
+    async fn teardown(self) {
+        delete_prefix(&self.url, self.ledger.prefix()).await;
+    }
+}
+
+/// Deletes every key under `prefix` on one server.
+async fn delete_prefix(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).expect("a valid URL");
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect for clean-up");
+    let keys: Vec<String> = {
+        let mut iter = con
+            .scan_match::<_, String>(format!("{prefix}*"))
+            .await
+            .expect("scan");
+        let mut keys = Vec::new();
+        while let Some(key) = iter.next_item().await {
+            keys.push(key.expect("a scanned key"));
+        }
+        keys
+    };
+    for chunk in keys.chunks(100) {
+        let _: () = con.del(chunk).await.expect("delete test keys");
+    }
+}
+
+/// The standard checks, each its own test on its own prefix. `purge_deletes_only_expired` is
+/// replaced by [`redis_expiry_replaces_purge`]: Redis deletes expired records itself, so
+/// `purge_expired` has nothing to count (see the crate docs).
+macro_rules! standalone {
+    ($($case:ident),* $(,)?) => {
+        mod standalone {
+            use super::*;
+            $(
+                #[test]
+                fn $case() {
+                    conformance::run(async {
+                        if let Some(fixture) = Prefixed::create().await {
+                            conformance::with_fixture(fixture, conformance::$case).await;
+                        }
+                    });
+                }
+            )*
+
+            #[test]
+            fn redis_expiry_replaces_purge() {
+                conformance::run(async {
+                    if let Some(fixture) = Prefixed::create().await {
+                        let url = fixture.url.clone();
+                        conformance::with_fixture(fixture, move |ledger| async move {
+                            let client = redis::Client::open(url.as_str()).expect("url");
+                            let con = client
+                                .get_multiplexed_async_connection()
+                                .await
+                                .expect("connect");
+                            super::expiry_replaces_purge(ledger, con).await;
+                        })
+                        .await;
+                    }
+                });
+            }
+        }
+    };
+}
+
+standalone!(
+    concurrent_claims_have_one_winner,
+    live_claim_is_in_progress,
+    completed_claim_returns_response,
+    wrong_token_is_fenced,
+    expired_lease_is_taken_over_and_fenced,
+    takeover_requires_same_fingerprint,
+    renewal_prevents_takeover,
+    release_frees_the_key,
+    retention_expires_records,
+    scopes_are_separate,
+    operation_lookup_is_scoped,
+    large_binary_response_round_trips,
+    waiters_see_completion,
+);
+
+fn request(key: &str, lease: Duration, retention: Duration) -> ClaimRequest {
+    let parsed = IdempotencyKey::parse(key.as_bytes()).expect("a valid key");
+    ClaimRequest::new(
+        LedgerKey::new(b"s", &parsed),
+        ScopeDigest::new(b"s"),
+        Fingerprint::of(b"b"),
+        lease,
+        retention,
+    )
+}
+
+async fn acquire(ledger: &RedisLedger, request: &ClaimRequest) -> tower_idempotency_core::Lease {
+    match ledger.claim(request).await.expect("claim") {
+        Claim::Acquired(lease) => lease,
+        Claim::Existing(e) => panic!("expected to acquire, found {e:?}"),
+    }
+}
+
+/// The purge check's scenario, for a ledger that expires records by itself: completed and
+/// abandoned records whose retention passed are gone from Redis (no key left, index entries of
+/// abandoned claims included), `purge_expired` finds nothing, and the live ones stay.
+async fn expiry_replaces_purge<C: redis::aio::ConnectionLike + Send>(
+    ledger: RedisLedger,
+    mut con: C,
+) {
+    let short = Duration::from_millis(200);
+    let long = Duration::from_secs(60);
+    let mut gone = Vec::new();
+    for i in 0..7 {
+        let r = request(&format!("done-{i}"), long, long);
+        let lease = acquire(&ledger, &r).await;
+        ledger
+            .complete(
+                &r.key,
+                lease.token,
+                &conformance::sample_response(b"x"),
+                short,
+            )
+            .await
+            .expect("complete");
+        gone.push(ledger.record_key(&r.key));
+    }
+    for i in 0..3 {
+        let r = request(&format!("abandoned-{i}"), short, short);
+        let lease = acquire(&ledger, &r).await;
+        gone.push(ledger.record_key(&r.key));
+        gone.push(ledger.operation_key(lease.operation_id));
+    }
+    let kept = request("kept", long, long);
+    let lease = acquire(&ledger, &kept).await;
+    ledger
+        .complete(
+            &kept.key,
+            lease.token,
+            &conformance::sample_response(b"kept"),
+            long,
+        )
+        .await
+        .expect("complete");
+    let live = request("live", long, long);
+    acquire(&ledger, &live).await;
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(ledger.purge_expired(3).await.expect("purge"), 0);
+    for key in &gone {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(key)
+            .query_async(&mut con)
+            .await
+            .expect("EXISTS");
+        assert!(!exists, "{key} outlived its retention");
+    }
+    let found = |r: ClaimRequest| {
+        let ledger = ledger.clone();
+        async move {
+            match ledger.claim(&r).await.expect("claim") {
+                Claim::Existing(e) => e.state,
+                Claim::Acquired(l) => panic!("a live record was gone: {l:?}"),
+            }
+        }
+    };
+    assert_eq!(
+        found(request("kept", long, long)).await,
+        RecordState::Completed(conformance::sample_response(b"kept"))
+    );
+    assert_eq!(
+        found(request("live", long, long)).await,
+        RecordState::InProgress
+    );
+}
+
+/// A waiter on one app instance sees a completion made through another instance's ledger, by
+/// its published message (well within the once-a-second re-check).
+#[test]
+fn a_completion_on_another_instance_wakes_a_waiter() {
+    conformance::run(async {
+        let Some(fixture) = Prefixed::create().await else {
+            return;
+        };
+        let other = RedisLedger::builder()
+            .with_prefix(fixture.ledger.prefix())
+            .expect("prefix")
+            .connect(fixture.url.as_str())
+            .await
+            .expect("connect");
+        conformance::with_fixture(fixture, move |ledger| cross_instance_wake(ledger, other)).await;
+    });
+}
+
+/// Waits on `other` for a key that `ledger` completes: the waiter returns well within the
+/// once-a-second re-check, so by the published message.
+async fn cross_instance_wake(ledger: RedisLedger, other: RedisLedger) {
+    let r = request("k", Duration::from_secs(60), Duration::from_secs(60));
+    let lease = acquire(&ledger, &r).await;
+    let key = r.key;
+    let waiter = {
+        let other = other.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            other.wait_for_change(&key, Duration::from_secs(10)).await;
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let completed = Instant::now();
+    ledger
+        .complete(
+            &key,
+            lease.token,
+            &conformance::sample_response(b"ok"),
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("complete");
+    let waited = tokio::time::timeout(Duration::from_secs(15), waiter)
+        .await
+        .expect("the waiter returned")
+        .expect("no panic");
+    let after = completed.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && after < Duration::from_millis(500),
+        "the waiter returned {waited:?} after it started, {after:?} after the completion"
+    );
+}
+
+/// A free loopback port whose Cluster bus port (+10000) is free too.
+fn free_port() -> u16 {
+    for _ in 0..100 {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("addr").port();
+        if port < 50_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port pair found");
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join("redis")
+        .join(format!("{name}-{}", unique_prefix().replace(':', "-")));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    dir
+}
+
+/// `redis-server` processes, killed by pid (and reaped) when dropped.
+struct Servers {
+    children: Vec<(u16, Child)>,
+    dir: PathBuf,
+}
+
+impl Servers {
+    fn new(dir: PathBuf) -> Self {
+        Self {
+            children: Vec::new(),
+            dir,
+        }
+    }
+
+    fn start(&mut self, port: u16, extra: &[&str]) {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        self.children.push((port, child));
+        wait_until(
+            Duration::from_secs(10),
+            &format!("redis-server on {port} answers"),
+            || cli(port, &["ping"]).is_some_and(|out| out.trim() == "PONG"),
+        );
+    }
+
+    fn kill(&mut self, port: u16) {
+        if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Three masters, no replicas, every slot assigned, `cluster_state:ok` on every node.
+fn start_cluster() -> (Servers, Vec<u16>) {
+    let mut servers = Servers::new(temp_dir("cluster"));
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for &port in &ports {
+        let conf = format!("nodes-{port}.conf");
+        servers.start(
+            port,
+            &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
+        );
+    }
+    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(nodes.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+    let created = Command::new("redis-cli")
+        .args(&create)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run redis-cli --cluster create");
+    assert!(created.success(), "redis-cli --cluster create failed");
+    wait_until(
+        Duration::from_secs(20),
+        "cluster_state:ok on every node",
+        || {
+            ports.iter().all(|&p| {
+                cli(p, &["cluster", "info"]).is_some_and(|info| info.contains("cluster_state:ok"))
+            })
+        },
+    );
+    (servers, ports)
+}
+
+/// The whole suite against a Redis Cluster this test starts (3 masters), every check at once,
+/// each under its own prefix. Needs `REDIS_URL` only as the switch that Redis is available.
+#[test]
+fn cluster_conformance() {
+    if redis_url().is_none() {
+        return;
+    }
+    let started = Instant::now();
+    let (servers, ports) = start_cluster();
+    eprintln!("cluster of 3 masters up in {:?}", started.elapsed());
+    let nodes: Vec<String> = ports
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}"))
+        .collect();
+    let failures = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let connect = || {
+                let nodes = nodes.clone();
+                async move {
+                    RedisLedger::builder()
+                        .with_prefix(&unique_prefix())
+                        .expect("prefix")
+                        .connect_cluster(nodes)
+                        .await
+                        .expect("connect to the cluster")
+                }
+            };
+            macro_rules! checks {
+                ($($case:ident),* $(,)?) => {{
+                    let mut tasks = Vec::new();
+                    $(
+                        let ledger = connect().await;
+                        assert!(ledger.is_cluster());
+                        tasks.push((stringify!($case), tokio::spawn(conformance::$case(ledger))));
+                    )*
+                    tasks
+                }};
+            }
+            let mut tasks = checks!(
+                concurrent_claims_have_one_winner,
+                live_claim_is_in_progress,
+                completed_claim_returns_response,
+                wrong_token_is_fenced,
+                expired_lease_is_taken_over_and_fenced,
+                takeover_requires_same_fingerprint,
+                renewal_prevents_takeover,
+                release_frees_the_key,
+                retention_expires_records,
+                scopes_are_separate,
+                operation_lookup_is_scoped,
+                large_binary_response_round_trips,
+                waiters_see_completion,
+            );
+            let ledger = connect().await;
+            let raw = redis::cluster::ClusterClient::new(nodes.clone())
+                .expect("cluster client")
+                .get_async_connection()
+                .await
+                .expect("connect");
+            tasks.push((
+                "redis_expiry_replaces_purge",
+                tokio::spawn(expiry_replaces_purge(ledger, raw)),
+            ));
+            // Two app instances on one prefix: each ledger has its own connections.
+            let ledger = connect().await;
+            let other = RedisLedger::builder()
+                .with_prefix(ledger.prefix())
+                .expect("prefix")
+                .connect_cluster(nodes.clone())
+                .await
+                .expect("connect");
+            tasks.push((
+                "cross_instance_wake",
+                tokio::spawn(cross_instance_wake(ledger, other)),
+            ));
+            let mut failures = Vec::new();
+            for (name, task) in tasks {
+                if let Err(error) = tokio::time::timeout(Duration::from_secs(60), task)
+                    .await
+                    .unwrap_or_else(|_| panic!("{name} did not finish in 60 s"))
+                {
+                    failures.push(format!("{name}: {error}"));
+                }
+            }
+            failures
+        });
+    drop(servers);
+    eprintln!("cluster suite done in {:?}", started.elapsed());
+    assert!(failures.is_empty(), "failed on the cluster: {failures:#?}");
+}
+
+fn claim_of(name: &str) -> ClaimRequest {
+    request(name, Duration::from_secs(30), Duration::from_secs(60))
+}
+
+/// A paused Redis (`CLIENT PAUSE 3000 ALL`) fails a claim within the response timeout instead
+/// of hanging it, and the same ledger works again once the pause ends. A killed Redis fails
+/// calls; restarted on the same port, the same ledger recovers by itself.
+#[test]
+fn outages_fail_fast_and_the_ledger_recovers() {
+    if redis_url().is_none() {
+        return;
+    }
+    let mut servers = Servers::new(temp_dir("outage"));
+    let port = free_port();
+    servers.start(port, &[]);
+    let timeout = Duration::from_millis(300);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let ledger = RedisLedger::builder()
+                .with_response_timeout(timeout)
+                .connect(format!("redis://127.0.0.1:{port}").as_str())
+                .await
+                .expect("connect");
+            acquire(&ledger, &claim_of("before")).await;
+
+            // Paused: the claim fails within the response timeout (plus margin), never hangs.
+            assert!(cli(port, &["client", "pause", "3000", "all"]).is_some());
+            let paused_at = Instant::now();
+            let started = Instant::now();
+            let outcome = ledger.claim(&claim_of("paused")).await;
+            let took = started.elapsed();
+            assert!(
+                matches!(outcome, Err(LedgerError::Backend(_))),
+                "a claim on a paused Redis: {outcome:?}"
+            );
+            assert!(
+                took < timeout * 3 + Duration::from_millis(500),
+                "took {took:?}"
+            );
+            eprintln!(
+                "claim during CLIENT PAUSE failed after {took:?}: {:?}",
+                outcome.err()
+            );
+
+            // After the pause, the very next claim succeeds on the same ledger.
+            tokio::time::sleep(
+                (paused_at + Duration::from_millis(3200)).saturating_duration_since(Instant::now()),
+            )
+            .await;
+            acquire(&ledger, &claim_of("after-pause")).await;
+
+            // Killed: calls fail, bounded.
+            servers.kill(port);
+            let started = Instant::now();
+            let outcome = ledger.claim(&claim_of("down")).await;
+            assert!(outcome.is_err(), "a claim on a stopped Redis: {outcome:?}");
+            assert!(started.elapsed() < timeout * 3 + Duration::from_millis(500));
+
+            // Restarted on the same port: the same ledger recovers by itself.
+            servers.start(port, &[]);
+            let restarted = Instant::now();
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                match ledger.claim(&claim_of("recovered")).await {
+                    Ok(Claim::Acquired(_)) => break,
+                    Ok(other) => panic!("unexpected {other:?}"),
+                    Err(error) => {
+                        assert!(
+                            restarted.elapsed() < Duration::from_secs(10),
+                            "not recovered 10 s after the restart: {error}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+            eprintln!(
+                "recovered {:?} after the restart, in {attempts} attempt(s)",
+                restarted.elapsed()
+            );
+        });
+}
+
+/// `with_wait_replicas` on a server without replicas: the claim fails after the `WAIT`
+/// timeout and is given back, so the key is free for the retry.
+#[test]
+fn a_claim_no_replica_acknowledged_is_failed_and_released() {
+    conformance::run(async {
+        let Some(fixture) = Prefixed::create().await else {
+            return;
+        };
+        let url = fixture.url.clone();
+        let prefix = fixture.ledger.prefix().to_owned();
+        conformance::with_fixture(fixture, move |plain| async move {
+            let waiting = RedisLedger::builder()
+                .with_prefix(&prefix)
+                .expect("prefix")
+                .with_wait_replicas(1, Duration::from_millis(50))
+                .connect(url.as_str())
+                .await
+                .expect("connect");
+            let replicas: String = {
+                let client = redis::Client::open(url.as_str()).expect("url");
+                let mut con = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect");
+                redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut con)
+                    .await
+                    .expect("INFO")
+            };
+            if !replicas.contains("connected_slaves:0") {
+                eprintln!("REDIS_URL has replicas; the no-replica case is not checked here");
+                return;
+            }
+            let r = claim_of("k");
+            let outcome = waiting.claim(&r).await;
+            assert!(
+                matches!(outcome, Err(LedgerError::Backend(_))),
+                "{outcome:?}"
+            );
+            // Given back: a plain claim acquires it afresh.
+            let lease = acquire(&plain, &claim_of("k")).await;
+            assert!(!lease.taken_over);
+        })
+        .await;
+    });
+}
