@@ -103,60 +103,31 @@ async fn delete_prefix(url: &str, prefix: &str) {
     }
 }
 
-/// The standard checks, each its own test on its own prefix. `purge_deletes_only_expired` is
-/// replaced by [`redis_expiry_replaces_purge`]: Redis deletes expired records itself, so
-/// `purge_expired` has nothing to count (see the crate docs).
-macro_rules! standalone {
-    ($($case:ident),* $(,)?) => {
-        mod standalone {
-            use super::*;
-            $(
-                #[test]
-                fn $case() {
-                    conformance::run(async {
-                        if let Some(fixture) = Prefixed::create().await {
-                            conformance::with_fixture(fixture, conformance::$case).await;
-                        }
-                    });
-                }
-            )*
+/// The standard checks, each its own test on its own prefix.
+mod standalone {
+    use super::*;
 
-            #[test]
-            fn redis_expiry_replaces_purge() {
-                conformance::run(async {
-                    if let Some(fixture) = Prefixed::create().await {
-                        let url = fixture.url.clone();
-                        conformance::with_fixture(fixture, move |ledger| async move {
-                            let client = redis::Client::open(url.as_str()).expect("url");
-                            let con = client
-                                .get_multiplexed_async_connection()
-                                .await
-                                .expect("connect");
-                            super::expiry_replaces_purge(ledger, con).await;
-                        })
-                        .await;
-                    }
-                });
+    tower_idempotency_core::ledger_conformance_tests!(fixture: Prefixed::create());
+
+    /// Beyond the suite's purge check: the expired records' keys are really gone from Redis.
+    #[test]
+    fn redis_expiry_replaces_purge() {
+        conformance::run(async {
+            if let Some(fixture) = Prefixed::create().await {
+                let url = fixture.url.clone();
+                conformance::with_fixture(fixture, move |ledger| async move {
+                    let client = redis::Client::open(url.as_str()).expect("url");
+                    let con = client
+                        .get_multiplexed_async_connection()
+                        .await
+                        .expect("connect");
+                    super::expiry_replaces_purge(ledger, con).await;
+                })
+                .await;
             }
-        }
-    };
+        });
+    }
 }
-
-standalone!(
-    concurrent_claims_have_one_winner,
-    live_claim_is_in_progress,
-    completed_claim_returns_response,
-    wrong_token_is_fenced,
-    expired_lease_is_taken_over_and_fenced,
-    takeover_requires_same_fingerprint,
-    renewal_prevents_takeover,
-    release_frees_the_key,
-    retention_expires_records,
-    scopes_are_separate,
-    operation_lookup_is_scoped,
-    large_binary_response_round_trips,
-    waiters_see_completion,
-);
 
 fn request(key: &str, lease: Duration, retention: Duration) -> ClaimRequest {
     let parsed = IdempotencyKey::parse(key.as_bytes()).expect("a valid key");
@@ -475,21 +446,8 @@ fn cluster_conformance() {
                     tasks
                 }};
             }
-            let mut tasks = checks!(
-                concurrent_claims_have_one_winner,
-                live_claim_is_in_progress,
-                completed_claim_returns_response,
-                wrong_token_is_fenced,
-                expired_lease_is_taken_over_and_fenced,
-                takeover_requires_same_fingerprint,
-                renewal_prevents_takeover,
-                release_frees_the_key,
-                retention_expires_records,
-                scopes_are_separate,
-                operation_lookup_is_scoped,
-                large_binary_response_round_trips,
-                waiters_see_completion,
-            );
+            // Every check of the suite, including any added later.
+            let mut tasks = tower_idempotency_core::conformance_checks!([checks]);
             let ledger = connect().await;
             let raw = redis::cluster::ClusterClient::new(nodes.clone())
                 .expect("cluster client")

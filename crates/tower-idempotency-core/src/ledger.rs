@@ -120,6 +120,12 @@ pub trait Ledger: Send + Sync + 'static {
     /// keep flowing, and returns how many were deleted.
     fn purge_expired(&self, batch: usize) -> impl Future<Output = Result<u64, LedgerError>> + Send;
 
+    /// Whether the backend deletes expired records by itself (a Redis expiry), so that
+    /// [`purge_expired`](Self::purge_expired) has nothing to scan and returns 0. Default: `false`.
+    fn expires_records_itself(&self) -> bool {
+        false
+    }
+
     /// Returns when the record under `key` may have changed (completed, released, taken over), or
     /// after at most `timeout`. It may return early; callers claim again and wait again.
     ///
@@ -184,6 +190,10 @@ impl<L: Ledger> Ledger for Arc<L> {
 
     fn purge_expired(&self, batch: usize) -> impl Future<Output = Result<u64, LedgerError>> + Send {
         (**self).purge_expired(batch)
+    }
+
+    fn expires_records_itself(&self) -> bool {
+        (**self).expires_records_itself()
     }
 
     fn wait_for_change(

@@ -640,6 +640,11 @@ impl Ledger for RedisLedger {
         Ok(0)
     }
 
+    /// `true`: Redis deletes each record at its expiry.
+    fn expires_records_itself(&self) -> bool {
+        true
+    }
+
     /// Subscribes (once per ledger) to the change channel, marks the record watched and checks
     /// its state in one script, then waits for its message, re-reading the record every second
     /// in case a message was lost. Without a subscription (it cannot connect, or is

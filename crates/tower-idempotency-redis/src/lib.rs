@@ -2,7 +2,7 @@
 //! for one Redis server (7.0 or later) or a Redis Cluster, shared by every app instance that
 //! uses it. It passes the
 //! [conformance suite](https://docs.rs/tower-idempotency-core/latest/tower_idempotency_core/conformance/)
-//! of the [`Ledger`] contract on both, except that `purge_expired` has nothing to purge (below).
+//! of the [`Ledger`] contract on both (its `purge_expired` has nothing to purge: below).
 //!
 //! # Quick start
 //!

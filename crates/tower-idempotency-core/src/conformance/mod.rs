@@ -112,25 +112,7 @@ macro_rules! ledger_conformance_tests {
         $crate::ledger_conformance_tests!(@cases [ledger] $make);
     };
     (@cases [$kind:ident] $make:expr) => {
-        $crate::ledger_conformance_tests!(@each [$kind] $make;
-            concurrent_claims_have_one_winner,
-            concurrent_takeovers_have_one_winner,
-            concurrent_claims_of_an_expired_record_have_one_winner,
-            a_wait_on_a_completed_record_returns_at_once,
-            live_claim_is_in_progress,
-            completed_claim_returns_response,
-            wrong_token_is_fenced,
-            expired_lease_is_taken_over_and_fenced,
-            takeover_requires_same_fingerprint,
-            renewal_prevents_takeover,
-            release_frees_the_key,
-            retention_expires_records,
-            scopes_are_separate,
-            operation_lookup_is_scoped,
-            purge_deletes_only_expired,
-            large_binary_response_round_trips,
-            waiters_see_completion,
-        );
+        $crate::conformance_checks! { [$crate::ledger_conformance_tests] @each [$kind] $make; }
     };
     (@each [ledger] $make:expr; $($case:ident),* $(,)?) => {
         $(
@@ -152,6 +134,44 @@ macro_rules! ledger_conformance_tests {
                 });
             }
         )*
+    };
+}
+
+/// `conformance_checks!([callback] prefix..)` calls `callback! { prefix.. check, check, .. }`
+/// with the name of every conformance check, so
+/// that a harness of its own (all checks at once on one cluster, say) runs the whole suite and
+/// picks up checks added later. [`ledger_conformance_tests!`](crate::ledger_conformance_tests)
+/// is built on it.
+///
+/// ```
+/// macro_rules! count {
+///     ($($case:ident),* $(,)?) => { [$(stringify!($case)),*].len() };
+/// }
+/// let checks = tower_idempotency_core::conformance_checks!([count]);
+/// assert!(checks > 10);
+/// ```
+#[macro_export]
+macro_rules! conformance_checks {
+    ([$($callback:tt)*] $($prefix:tt)*) => {
+        $($callback)*! { $($prefix)*
+            concurrent_claims_have_one_winner,
+            concurrent_takeovers_have_one_winner,
+            concurrent_claims_of_an_expired_record_have_one_winner,
+            a_wait_on_a_completed_record_returns_at_once,
+            live_claim_is_in_progress,
+            completed_claim_returns_response,
+            wrong_token_is_fenced,
+            expired_lease_is_taken_over_and_fenced,
+            takeover_requires_same_fingerprint,
+            renewal_prevents_takeover,
+            release_frees_the_key,
+            retention_expires_records,
+            scopes_are_separate,
+            operation_lookup_is_scoped,
+            purge_deletes_only_expired,
+            large_binary_response_round_trips,
+            waiters_see_completion,
+        }
     };
 }
 
