@@ -4,7 +4,7 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderName, Method, StatusCode, request::Parts};
-use tower_idempotency_core::{Fingerprint, ScopeDigest, TransactionalLedger};
+use tower_idempotency_core::{Fingerprint, MAX_DURATION, ScopeDigest, TransactionalLedger};
 
 use crate::{
     layer::IdempotencyLayer,
@@ -88,9 +88,6 @@ pub enum ConfigError {
     #[error("the operation path {0:?} must start with '/', not end with '/', and be a plain path")]
     InvalidOperationPath(String),
 }
-
-/// The longest lease, retention, wait timeout or `Retry-After` accepted: 100 years.
-pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
 pub(crate) type ScopeFn = Arc<dyn Fn(&Parts) -> Vec<u8> + Send + Sync>;
 pub(crate) type FingerprintFn = Arc<dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync>;
