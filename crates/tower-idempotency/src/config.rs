@@ -140,7 +140,7 @@ impl Config {
     pub(crate) fn should_store(&self, status: StatusCode) -> bool {
         match &self.store {
             Some(predicate) => predicate(status),
-            None => default_store(status),
+            None => is_stored_by_default(status),
         }
     }
 
@@ -151,7 +151,7 @@ impl Config {
 
 /// The default store predicate: 1xx to 4xx, except 408, 409 and 429 (the client may retry those
 /// and expect a different answer); 5xx is not stored, so a retry runs the handler again.
-pub fn default_store(status: StatusCode) -> bool {
+pub fn is_stored_by_default(status: StatusCode) -> bool {
     status.as_u16() < 500
         && !matches!(
             status,
@@ -335,7 +335,7 @@ impl<L> IdempotencyLayerBuilder<L> {
     }
 
     /// Which responses are stored and replayed; any other releases the key so that a retry runs
-    /// the handler again. Default: [`default_store`] (1xx to 4xx except 408, 409, 429).
+    /// the handler again. Default: [`is_stored_by_default`] (1xx to 4xx except 408, 409, 429).
     pub fn with_store_predicate<F>(mut self, store: F) -> Self
     where
         F: Fn(StatusCode) -> bool + Send + Sync + 'static,
@@ -540,16 +540,16 @@ mod tests {
     }
 
     #[test]
-    fn default_store_predicate() {
+    fn stored_by_default() {
         for stored in [200, 201, 204, 302, 400, 404, 422] {
             assert!(
-                default_store(StatusCode::from_u16(stored).unwrap()),
+                is_stored_by_default(StatusCode::from_u16(stored).unwrap()),
                 "{stored}"
             );
         }
         for released in [408, 409, 429, 500, 502, 503] {
             assert!(
-                !default_store(StatusCode::from_u16(released).unwrap()),
+                !is_stored_by_default(StatusCode::from_u16(released).unwrap()),
                 "{released}"
             );
         }

@@ -61,12 +61,13 @@ mod transaction;
 
 pub use body::ResponseBody;
 pub use config::{
-    ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey, default_store,
+    ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey,
+    is_stored_by_default,
 };
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;
-pub use response::{REPLAY_BODY, REPLAYED};
+pub use response::{IDEMPOTENT_REPLAY_BODY, IDEMPOTENT_REPLAYED};
 pub use service::Idempotency;
 pub use tower_idempotency_core::{
     self as core, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
