@@ -5,7 +5,8 @@ use std::{fmt, sync::Arc};
 use tower_layer::Layer;
 
 use crate::{
-    config::{Config, IdempotencyLayerBuilder},
+    builder::IdempotencyLayerBuilder,
+    config::{Config, Shared},
     service::Idempotency,
 };
 
@@ -25,15 +26,10 @@ pub struct IdempotencyLayer<L> {
     pub(crate) shared: Arc<Shared<L>>,
 }
 
-pub(crate) struct Shared<L> {
-    pub(crate) ledger: L,
-    pub(crate) config: Config,
-}
-
 impl<L> IdempotencyLayer<L> {
     /// A layer over `ledger` with every default (see [`IdempotencyLayerBuilder`]).
     pub fn new(ledger: L) -> Self {
-        // The defaults are valid (a unit test in config.rs checks it), so they skip `build`.
+        // The defaults are valid (a unit test in builder.rs checks it), so they skip `build`.
         IdempotencyLayerBuilder::new(ledger).into_layer()
     }
 

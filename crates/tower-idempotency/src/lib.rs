@@ -48,6 +48,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod builder;
 mod config;
 mod future;
 mod layer;
@@ -60,10 +61,8 @@ pub mod telemetry;
 mod transaction;
 
 pub use body::ResponseBody;
-pub use config::{
-    ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey,
-    is_stored_by_default,
-};
+pub use builder::{ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey};
+pub use config::is_stored_by_default;
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;

@@ -14,8 +14,7 @@ use uuid::Uuid;
 
 use crate::{
     IdempotencyLayer,
-    config::Config,
-    layer::Shared,
+    config::{Config, Shared},
     problem::{Rejection, RejectionKind, render},
     response::replay,
 };

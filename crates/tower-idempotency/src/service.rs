@@ -25,9 +25,9 @@ use tracing::{Instrument, field::Empty};
 use crate::{
     Outcome,
     body::ResponseBody,
-    config::{Config, InProgress, LedgerFailure, MissingKey},
+    builder::{InProgress, LedgerFailure, MissingKey},
+    config::{Config, Shared},
     future::{Phase, ResponseFuture},
-    layer::Shared,
     problem::{Rejection, RejectionKind, render},
     response::{replay, to_stored},
     transaction::{TxError, TxHandle},
