@@ -107,6 +107,7 @@ pub enum ConfigError {
 ///     .expect("valid settings");
 /// # let _ = layer;
 /// ```
+#[must_use = "a builder does nothing until `build` is called"]
 pub struct IdempotencyLayerBuilder<L> {
     ledger: L,
     config: Config,
@@ -150,6 +151,7 @@ impl<L> IdempotencyLayerBuilder<L> {
     }
 
     /// The header that carries the key. Default: `Idempotency-Key`.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_header_name(mut self, name: HeaderName) -> Self {
         self.config.header = name;
         self
@@ -157,12 +159,14 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// The methods the layer covers; every other request passes through untouched.
     /// Default: `POST` and `PATCH`.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
         self.config.methods = methods.into_iter().collect();
         self
     }
 
     /// What a covered request without a key gets. Default: [`MissingKey::Reject`] (400).
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_missing_key(mut self, policy: MissingKey) -> Self {
         self.config.missing_key = policy;
         self
@@ -171,6 +175,7 @@ impl<L> IdempotencyLayerBuilder<L> {
     /// The caller's scope (an API key, a tenant id, an authenticated subject), from the request
     /// parts. Keys are only compared within a scope, and an operation is visible only to its own
     /// scope. Default: one empty scope for everyone.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_scope<F, S>(mut self, scope: F) -> Self
     where
         F: Fn(&Parts) -> S + Send + Sync + 'static,
@@ -182,6 +187,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// The request headers whose values enter the fingerprint, in this order.
     /// Default: `Content-Type`.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config.fingerprint_headers = names.into_iter().collect();
         self
@@ -189,6 +195,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// Fingerprint JSON bodies in canonical form, so that reordered members and whitespace count
     /// as the same request (numbers are compared as written). Default: off (bytes as sent).
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_json_canonicalization(mut self, on: bool) -> Self {
         self.config.canonical_json = on;
         self
@@ -197,6 +204,7 @@ impl<L> IdempotencyLayerBuilder<L> {
     /// Replaces the default fingerprint (method, path, query, fingerprint headers, body) with
     /// your own, for example a hash of the payload fields that matter.
     /// Default: [`Fingerprint::of_request`].
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_fingerprint<F>(mut self, fingerprint: F) -> Self
     where
         F: Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync + 'static,
@@ -206,6 +214,7 @@ impl<L> IdempotencyLayerBuilder<L> {
     }
 
     /// What a duplicate of a request still in progress gets. Default: [`InProgress::Conflict`].
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_in_progress(mut self, policy: InProgress) -> Self {
         self.config.in_progress = policy;
         self
@@ -213,6 +222,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// How long a claim holds its key without renewal; the layer renews it every third of this
     /// while the handler runs, so only a crashed holder loses it. Default: 30 s.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.config.lease = lease;
         self
@@ -220,6 +230,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// How long a completed response is replayed (and an abandoned claim kept).
     /// Default: 24 h.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_retention(mut self, retention: Duration) -> Self {
         self.config.retention = retention;
         self
@@ -227,6 +238,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// The largest request body accepted, in bytes; checked on `Content-Length` before reading,
     /// then while reading. Larger bodies get 413. Default: 1 MiB.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_body_limit(mut self, bytes: usize) -> Self {
         self.config.body_limit = bytes;
         self
@@ -235,6 +247,7 @@ impl<L> IdempotencyLayerBuilder<L> {
     /// The largest response body stored for replay, in bytes. A larger body still reaches the
     /// first caller in full; the key completes with status and headers only, and its replays say
     /// so in `Idempotent-Replay-Body: omitted`. Default: 1 MiB.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_store_limit(mut self, bytes: usize) -> Self {
         self.config.store_limit = bytes;
         self
@@ -242,6 +255,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// Which responses are stored and replayed; any other releases the key so that a retry runs
     /// the handler again. Default: [`is_stored_by_default`] (1xx to 4xx except 408, 409, 429).
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_store_predicate<F>(mut self, store: F) -> Self
     where
         F: Fn(StatusCode) -> bool + Send + Sync + 'static,
@@ -252,12 +266,14 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// Response headers never stored or replayed, beyond the ones always left out (hop-by-hop
     /// headers, `Date`, `Set-Cookie`, `Content-Length`). Default: none.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_replay_deny_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config.deny_headers = names.into_iter().collect();
         self
     }
 
     /// What happens when the ledger fails. Default: [`LedgerFailure::FailClosed`] (503).
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_ledger_failure(mut self, policy: LedgerFailure) -> Self {
         self.config.ledger_failure = policy;
         self
@@ -265,6 +281,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// The `Retry-After` sent with 409, 202 and 503, rounded up to whole seconds.
     /// Default: 1 s.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_retry_after(mut self, after: Duration) -> Self {
         self.config.retry_after = after;
         self
@@ -272,6 +289,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// Where the operation-status router answers, and so what `Location` points to under
     /// [`InProgress::Accepted`]: `{path}/{operation_id}`. Default: `/operations`.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_operation_path(mut self, path: impl Into<String>) -> Self {
         self.config.operation_path = path.into();
         self
@@ -279,6 +297,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// How rejections (400, 409, 413, 422, 503, ...) and the 202 are rendered.
     /// Default: [`ProblemJson`] (RFC 9457 `application/problem+json`).
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_responder(mut self, responder: impl Responder) -> Self {
         self.config.responder = Arc::new(responder);
         self
@@ -286,6 +305,7 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// The OpenTelemetry meter the layer records its metrics with.
     /// Default: `opentelemetry::global::meter("tower-idempotency")`, looked up at the first request.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
         self.config.telemetry = Telemetry::with_meter(meter);
         self
@@ -305,6 +325,7 @@ impl<L> IdempotencyLayerBuilder<L> {
     /// Costs one pooled connection per request in flight for the handler's duration. Side
     /// effects outside the database (an email, a card network call) are not covered: record
     /// them in an outbox table in the same transaction and send them from there.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_transactions(mut self) -> Self
     where
         L: TransactionalLedger,
@@ -364,84 +385,5 @@ impl<L> IdempotencyLayerBuilder<L> {
             return Err(ConfigError::InvalidOperationPath(path.clone()));
         }
         Ok(self.into_layer())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tower_idempotency_core::MemoryLedger;
-
-    fn builder() -> IdempotencyLayerBuilder<MemoryLedger> {
-        IdempotencyLayerBuilder::new(MemoryLedger::new())
-    }
-
-    #[test]
-    fn defaults_are_valid() {
-        assert!(builder().build().is_ok());
-    }
-
-    #[test]
-    fn invalid_settings_are_named() {
-        let err = |b: IdempotencyLayerBuilder<MemoryLedger>| b.build().err();
-        assert_eq!(
-            err(builder().with_lease(Duration::ZERO)),
-            Some(ConfigError::ZeroLease)
-        );
-        assert!(matches!(
-            err(builder().with_retention(Duration::from_secs(1))),
-            Some(ConfigError::RetentionShorterThanLease { .. })
-        ));
-        assert_eq!(
-            err(builder().with_body_limit(0)),
-            Some(ConfigError::ZeroBodyLimit)
-        );
-        assert_eq!(
-            err(builder().with_methods([])),
-            Some(ConfigError::NoMethods)
-        );
-        assert_eq!(
-            err(builder().with_in_progress(InProgress::Wait {
-                timeout: Duration::ZERO
-            })),
-            Some(ConfigError::ZeroWaitTimeout)
-        );
-        for bad in ["", "/", "ops", "/ops/", "/a//b", "/{id}", "/a b"] {
-            assert!(
-                matches!(
-                    err(builder().with_operation_path(bad)),
-                    Some(ConfigError::InvalidOperationPath(_))
-                ),
-                "{bad:?}"
-            );
-        }
-        assert!(
-            builder()
-                .with_operation_path("/v1/operations")
-                .build()
-                .is_ok()
-        );
-        // "Forever" is not a duration an Instant can hold: refused here, not a panic later.
-        assert_eq!(
-            err(builder().with_in_progress(InProgress::Wait {
-                timeout: Duration::MAX
-            })),
-            Some(ConfigError::DurationTooLong("wait timeout"))
-        );
-        assert_eq!(
-            err(builder().with_retention(Duration::MAX)),
-            Some(ConfigError::DurationTooLong("retention"))
-        );
-        assert_eq!(
-            err(builder()
-                .with_lease(Duration::MAX)
-                .with_retention(Duration::MAX)),
-            Some(ConfigError::DurationTooLong("lease"))
-        );
-        assert_eq!(
-            err(builder().with_retry_after(Duration::MAX)),
-            Some(ConfigError::DurationTooLong("retry after"))
-        );
-        assert!(builder().with_retention(MAX_DURATION).build().is_ok());
     }
 }

@@ -22,6 +22,7 @@ use crate::{
 ///     .route("/payments", post(create))
 ///     .layer(IdempotencyLayer::new(MemoryLedger::new()));
 /// ```
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct IdempotencyLayer<L> {
     pub(crate) shared: Arc<Shared<L>>,
 }
@@ -29,7 +30,7 @@ pub struct IdempotencyLayer<L> {
 impl<L> IdempotencyLayer<L> {
     /// A layer over `ledger` with every default (see [`IdempotencyLayerBuilder`]).
     pub fn new(ledger: L) -> Self {
-        // The defaults are valid (a unit test in builder.rs checks it), so they skip `build`.
+        // The defaults are valid (tests/builder.rs checks it), so they skip `build`.
         IdempotencyLayerBuilder::new(ledger).into_layer()
     }
 

@@ -45,6 +45,21 @@ impl<S, L> Idempotency<S, L> {
     pub(crate) fn new(inner: S, shared: Arc<Shared<L>>) -> Self {
         Self { inner, shared }
     }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, without the layer.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
 }
 
 impl<S: Clone, L> Clone for Idempotency<S, L> {
