@@ -47,11 +47,16 @@
 //! 4. Everyone else gets the replay, 409/202/a wait, or 422, as above.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod answer;
 mod body;
 mod builder;
+mod capture;
 mod config;
+mod duplicate;
 mod future;
+mod intake;
 mod layer;
+mod lease;
 mod operations;
 mod outcome;
 pub mod problem;

@@ -21,6 +21,10 @@ use tower_idempotency_core::{
 
 use crate::problem::{ProblemJson, Rejection, RejectionKind, render};
 
+mod commit;
+
+pub(crate) use commit::commit;
+
 /// Begins transactions for a ledger whose type the service does not name (it is fixed when
 /// `with_transactions` is called), so `Idempotency<S, L>` keeps one type in both modes.
 pub(crate) trait TxDriver: Send + Sync {
