@@ -306,6 +306,8 @@ impl<L> IdempotencyLayerBuilder<L> {
     /// The OpenTelemetry meter the layer records its metrics with.
     /// Default: `opentelemetry::global::meter("tower-idempotency")`, looked up at the first request.
     #[must_use = "this returns the changed builder; it does not change it in place"]
+    #[cfg(feature = "opentelemetry")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "opentelemetry")))]
     pub fn with_meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
         self.config.telemetry = Telemetry::with_meter(meter);
         self

@@ -40,6 +40,7 @@ impl<L: Ledger> IdempotencyLayer<L> {
     ///     .layer(layer.clone())
     ///     .merge(layer.operation_router());
     /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
     pub fn operation_router<S>(&self) -> Router<S>
     where
         S: Clone + Send + Sync + 'static,
