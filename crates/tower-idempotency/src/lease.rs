@@ -1,6 +1,7 @@
 //! The claim's lease while the handler runs: renewed in the background, then given up in one of
-//! three ways: completed with the response (retried on a ledger error), released (5xx, a panic, a
-//! failed body, `no-store`), or abandoned (its transaction rolled back, then released).
+//! three ways: completed with the response (retried on a ledger error), released (a response
+//! that is not stored, such as a 5xx, a panic or a failed body), or abandoned (its transaction
+//! rolled back, then released).
 
 use std::{pin::Pin, task::Poll, time::Duration};
 
