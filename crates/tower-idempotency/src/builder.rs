@@ -22,7 +22,7 @@ pub enum InProgress {
     #[default]
     Conflict,
     /// 202 Accepted with `Location` of the operation-status resource (see
-    /// [`IdempotencyLayer::operation_router`]) and `Retry-After`.
+    /// [`IdempotencyLayer::operation_router`], feature `axum`) and `Retry-After`.
     Accepted,
     /// Hold the duplicate until the first request finishes, then replay its response; after
     /// `timeout`, answer as [`Conflict`](Self::Conflict) does. Works across processes that share
@@ -254,7 +254,8 @@ impl<L> IdempotencyLayerBuilder<L> {
     }
 
     /// Which responses are stored and replayed; any other releases the key so that a retry runs
-    /// the handler again. Default: [`is_stored_by_default`] (1xx to 4xx except 408, 409, 429).
+    /// the handler again. Default: [`is_stored_by_default`](crate::is_stored_by_default) (1xx to
+    /// 4xx except 408, 409, 429).
     #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_store_predicate<F>(mut self, store: F) -> Self
     where
@@ -318,11 +319,11 @@ impl<L> IdempotencyLayerBuilder<L> {
     }
 
     /// Exactly-once mode: after a claim, open a transaction in the ledger's database and hand it
-    /// to the handler as [`LedgerTx`](crate::LedgerTx); the stored response is written in the
-    /// same transaction, fenced by the claim's token, and committed with the handler's writes.
-    /// If the lease was taken over meanwhile, everything rolls back and the caller gets 409 (its
-    /// retry replays the new holder's result); a response that is not stored (5xx), a panic or
-    /// a failed commit rolls back and releases the key. Default: off.
+    /// to the handler as [`LedgerTx`](crate::LedgerTx) (feature `axum`); the stored response is
+    /// written in the same transaction, fenced by the claim's token, and committed with the
+    /// handler's writes. If the lease was taken over meanwhile, everything rolls back and the
+    /// caller gets 409 (its retry replays the new holder's result); a response that is not
+    /// stored (5xx), a panic or a failed commit rolls back and releases the key. Default: off.
     ///
     /// Costs one pooled connection per request in flight for the handler's duration. Side
     /// effects outside the database (an email, a card network call) are not covered: record
