@@ -24,7 +24,7 @@ use axum::{
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryLedger, REPLAYED, purge_periodically};
+use tower_idempotency::{IDEMPOTENT_REPLAYED, IdempotencyLayer, MemoryLedger, purge_periodically};
 
 const TASKS: usize = 64;
 const LEASE: Duration = Duration::from_secs(1);
@@ -93,7 +93,7 @@ async fn send(app: &Router, counts: &Counts, key: &str, body: &Value) -> Got {
     counts.in_flight.fetch_add(1, Ordering::SeqCst);
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
-    let replayed = response.headers().get(&REPLAYED).is_some();
+    let replayed = response.headers().get(&IDEMPOTENT_REPLAYED).is_some();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
     let got = match status {
         StatusCode::CREATED if replayed => {

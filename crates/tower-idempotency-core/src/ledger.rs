@@ -7,6 +7,12 @@ use crate::{
     ScopeDigest, StoredResponse,
 };
 
+/// The longest lease, retention or wait any part of tower-idempotency accepts or stores: 100
+/// years. Longer durations (up to `Duration::MAX`, "practically forever") are refused by the
+/// layer's builder and capped by the ledgers, so that adding one to a timestamp or an `Instant`
+/// cannot overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
+
 /// One claim attempt: who asks, for which key, with which fingerprint, and for how long.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClaimRequest {

@@ -30,6 +30,6 @@ pub mod conformance;
 pub use error::{BoxError, LedgerError};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, LedgerKey, MAX_KEY_LEN, ScopeDigest};
-pub use ledger::{ClaimRequest, Ledger, TransactionalLedger, purge_periodically};
+pub use ledger::{ClaimRequest, Ledger, MAX_DURATION, TransactionalLedger, purge_periodically};
 pub use memory::MemoryLedger;
 pub use record::{Claim, Existing, FencingToken, Lease, OperationId, RecordState, StoredResponse};

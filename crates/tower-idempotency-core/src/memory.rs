@@ -12,7 +12,7 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{
     Claim, ClaimRequest, Existing, FencingToken, Fingerprint, Lease, Ledger, LedgerError,
-    LedgerKey, OperationId, RecordState, ScopeDigest, StoredResponse,
+    LedgerKey, MAX_DURATION, OperationId, RecordState, ScopeDigest, StoredResponse,
 };
 
 /// A ledger in this process's memory: fast, and gone when the process exits.
@@ -107,11 +107,10 @@ fn shard_of(bytes: &[u8], shards: usize) -> usize {
     bytes[bytes.len() - 1] as usize % shards
 }
 
-/// `now + duration`, capped at 100 years (as the SQL ledgers cap it): `Duration::MAX` means
-/// "practically forever", not a panic on overflow.
+/// `now + duration`, capped at [`MAX_DURATION`] (as the SQL ledgers cap it): `Duration::MAX`
+/// means "practically forever", not a panic on overflow.
 fn later(now: Instant, duration: Duration) -> Instant {
-    const CAP: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
-    now + duration.min(CAP)
+    now + duration.min(MAX_DURATION)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -74,7 +74,7 @@ pub(crate) fn error(error: sqlx::Error) -> LedgerError {
 /// A duration in whole milliseconds, capped at about 100 years so that adding it to a timestamp
 /// cannot overflow in either database.
 pub(crate) fn millis(duration: Duration) -> i64 {
-    const CAP: i64 = 100 * 366 * 24 * 3600 * 1000;
+    const CAP: i64 = tower_idempotency_core::MAX_DURATION.as_millis() as i64;
     i64::try_from(duration.as_millis()).map_or(CAP, |ms| ms.min(CAP))
 }
 

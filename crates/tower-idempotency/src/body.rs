@@ -24,7 +24,7 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Full { data: Option<Bytes> },
-        Stream { prefix: Option<Bytes>, #[pin] rest: B },
+        Stream { #[pin] inner: B },
         Over { prefix: Option<Bytes>, rest: Pin<Box<B>> },
     }
 }
@@ -41,7 +41,9 @@ impl<B> ResponseBody<B> {
 
     /// The inner body, untouched.
     pub(crate) fn stream(body: B) -> Self {
-        Self::prefixed(Bytes::new(), body)
+        Self {
+            kind: Kind::Stream { inner: body },
+        }
     }
 
     /// `prefix`, then the rest of a body that was boxed to be read for storage.
@@ -50,16 +52,6 @@ impl<B> ResponseBody<B> {
             kind: Kind::Over {
                 prefix: (!prefix.is_empty()).then_some(prefix),
                 rest,
-            },
-        }
-    }
-
-    /// `prefix`, then the rest of `body`.
-    pub(crate) fn prefixed(prefix: Bytes, body: B) -> Self {
-        Self {
-            kind: Kind::Stream {
-                prefix: (!prefix.is_empty()).then_some(prefix),
-                rest: body,
             },
         }
     }
@@ -93,12 +85,7 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().kind.project() {
             KindProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            KindProj::Stream { prefix, rest } => {
-                if let Some(prefix) = prefix.take() {
-                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
-                }
-                rest.poll_frame(cx).map_err(Into::into)
-            }
+            KindProj::Stream { inner } => inner.poll_frame(cx).map_err(Into::into),
             KindProj::Over { prefix, rest } => {
                 if let Some(prefix) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
@@ -111,7 +98,7 @@ where
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Full { data } => data.is_none(),
-            Kind::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            Kind::Stream { inner } => inner.is_end_stream(),
             Kind::Over { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
         }
     }
@@ -121,7 +108,7 @@ where
             Kind::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Kind::Stream { prefix, rest } => prefixed_hint(prefix, rest.size_hint()),
+            Kind::Stream { inner } => inner.size_hint(),
             Kind::Over { prefix, rest } => prefixed_hint(prefix, rest.size_hint()),
         }
     }

@@ -1,96 +1,25 @@
-//! The layer's settings, their defaults, and the one place they are validated.
+//! The layer's runtime settings, shared by the layer, its services and the operation router.
+//! They are set and validated by [`IdempotencyLayerBuilder`](crate::IdempotencyLayerBuilder).
 
 use std::{fmt, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{HeaderName, Method, StatusCode, request::Parts};
-use tower_idempotency_core::{Fingerprint, ScopeDigest, TransactionalLedger};
+use tower_idempotency_core::{Fingerprint, ScopeDigest};
 
 use crate::{
-    layer::IdempotencyLayer,
-    problem::{ProblemJson, Responder},
+    builder::{InProgress, LedgerFailure, MissingKey},
+    problem::Responder,
     telemetry::Telemetry,
-    transaction::{Driver, TxDriver},
+    transaction::TxDriver,
 };
 
-/// What a duplicate gets while the first request with its key is still running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum InProgress {
-    /// 409 Conflict with `Retry-After` (the default).
-    #[default]
-    Conflict,
-    /// 202 Accepted with `Location` of the operation-status resource (see
-    /// [`IdempotencyLayer::operation_router`]) and `Retry-After`.
-    Accepted,
-    /// Hold the duplicate until the first request finishes, then replay its response; after
-    /// `timeout`, answer as [`Conflict`](Self::Conflict) does. Works across processes that share
-    /// a ledger.
-    Wait {
-        /// How long a duplicate may wait.
-        timeout: Duration,
-    },
+/// The ledger and the settings, behind one `Arc` shared by the layer, every service it made and
+/// the operation router.
+pub(crate) struct Shared<L> {
+    pub(crate) ledger: L,
+    pub(crate) config: Config,
 }
-
-/// What a covered request without an idempotency key gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum MissingKey {
-    /// 400 problem+json (the default).
-    #[default]
-    Reject,
-    /// The request runs unprotected, as if the layer were not there.
-    Allow,
-}
-
-/// What a request gets when the ledger cannot be reached or fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum LedgerFailure {
-    /// 503 with `Retry-After`; the handler does not run (the default: a payment is never made
-    /// without a record of it).
-    #[default]
-    FailClosed,
-    /// The request runs unprotected and the failure is logged. Choose this only where a rare
-    /// duplicate costs less than an outage.
-    FailOpen,
-}
-
-/// A setting that cannot work, reported by [`IdempotencyLayerBuilder::build`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The lease must be at least one millisecond.
-    #[error("the lease must be at least 1 ms")]
-    ZeroLease,
-    /// Retention must be at least the lease, or an abandoned claim could be purged while its
-    /// lease still runs.
-    #[error("retention ({retention:?}) must be at least the lease ({lease:?})")]
-    RetentionShorterThanLease {
-        /// The configured retention.
-        retention: Duration,
-        /// The configured lease.
-        lease: Duration,
-    },
-    /// The request body limit must be at least one byte.
-    #[error("the request body limit must be at least 1 byte")]
-    ZeroBodyLimit,
-    /// The layer would cover no method at all.
-    #[error("the layer covers no HTTP method")]
-    NoMethods,
-    /// The Wait policy needs a timeout of at least one millisecond.
-    #[error("the Wait policy's timeout must be at least 1 ms")]
-    ZeroWaitTimeout,
-    /// A duration (the named setting) is longer than 100 years, more than a deadline can hold.
-    #[error("the {0} is longer than 100 years")]
-    DurationTooLong(&'static str),
-    /// The operation path must start with `/`, not end with one, and hold only path characters.
-    #[error("the operation path {0:?} must start with '/', not end with '/', and be a plain path")]
-    InvalidOperationPath(String),
-}
-
-/// The longest lease, retention, wait timeout or `Retry-After` accepted: 100 years.
-pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 366 * 24 * 3600);
 
 pub(crate) type ScopeFn = Arc<dyn Fn(&Parts) -> Vec<u8> + Send + Sync>;
 pub(crate) type FingerprintFn = Arc<dyn Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync>;
@@ -143,7 +72,7 @@ impl Config {
     pub(crate) fn should_store(&self, status: StatusCode) -> bool {
         match &self.store {
             Some(predicate) => predicate(status),
-            None => default_store(status),
+            None => is_stored_by_default(status),
         }
     }
 
@@ -154,42 +83,12 @@ impl Config {
 
 /// The default store predicate: 1xx to 4xx, except 408, 409 and 429 (the client may retry those
 /// and expect a different answer); 5xx is not stored, so a retry runs the handler again.
-pub fn default_store(status: StatusCode) -> bool {
+pub fn is_stored_by_default(status: StatusCode) -> bool {
     status.as_u16() < 500
         && !matches!(
             status,
             StatusCode::REQUEST_TIMEOUT | StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS
         )
-}
-
-/// Builds an [`IdempotencyLayer`]; every setting has a documented default, and
-/// [`build`](Self::build) checks them all at once.
-///
-/// ```
-/// use std::time::Duration;
-/// use tower_idempotency::{IdempotencyLayer, InProgress, MemoryLedger};
-///
-/// let layer = IdempotencyLayer::builder(MemoryLedger::new())
-///     .with_scope(|parts| {
-///         parts.headers.get("authorization").map(|v| v.as_bytes().to_vec()).unwrap_or_default()
-///     })
-///     .with_json_canonicalization(true)
-///     .with_in_progress(InProgress::Wait { timeout: Duration::from_secs(5) })
-///     .build()
-///     .expect("valid settings");
-/// # let _ = layer;
-/// ```
-pub struct IdempotencyLayerBuilder<L> {
-    ledger: L,
-    config: Config,
-}
-
-impl<L> fmt::Debug for IdempotencyLayerBuilder<L> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyLayerBuilder")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
 }
 
 impl fmt::Debug for Config {
@@ -217,342 +116,21 @@ impl fmt::Debug for Config {
     }
 }
 
-impl<L> IdempotencyLayerBuilder<L> {
-    pub(crate) fn new(ledger: L) -> Self {
-        Self {
-            ledger,
-            config: Config {
-                header: HeaderName::from_static("idempotency-key"),
-                methods: vec![Method::POST, Method::PATCH],
-                missing_key: MissingKey::Reject,
-                scope: None,
-                fingerprint_headers: vec![http::header::CONTENT_TYPE],
-                canonical_json: false,
-                fingerprint: None,
-                in_progress: InProgress::Conflict,
-                lease: Duration::from_secs(30),
-                retention: Duration::from_secs(24 * 60 * 60),
-                body_limit: 1 << 20,
-                store_limit: 1 << 20,
-                store: None,
-                deny_headers: Vec::new(),
-                ledger_failure: LedgerFailure::FailClosed,
-                retry_after: Duration::from_secs(1),
-                operation_path: "/operations".to_owned(),
-                responder: Arc::new(ProblemJson),
-                telemetry: Telemetry::global(),
-                transactions: None,
-            },
-        }
-    }
-
-    /// The header that carries the key. Default: `Idempotency-Key`.
-    pub fn with_header_name(mut self, name: HeaderName) -> Self {
-        self.config.header = name;
-        self
-    }
-
-    /// The methods the layer covers; every other request passes through untouched.
-    /// Default: `POST` and `PATCH`.
-    pub fn with_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
-        self.config.methods = methods.into_iter().collect();
-        self
-    }
-
-    /// What a covered request without a key gets. Default: [`MissingKey::Reject`] (400).
-    pub fn with_missing_key(mut self, policy: MissingKey) -> Self {
-        self.config.missing_key = policy;
-        self
-    }
-
-    /// The caller's scope (an API key, a tenant id, an authenticated subject), from the request
-    /// parts. Keys are only compared within a scope, and an operation is visible only to its own
-    /// scope. Default: one empty scope for everyone.
-    pub fn with_scope<F, S>(mut self, scope: F) -> Self
-    where
-        F: Fn(&Parts) -> S + Send + Sync + 'static,
-        S: Into<Vec<u8>>,
-    {
-        self.config.scope = Some(Arc::new(move |parts| scope(parts).into()));
-        self
-    }
-
-    /// The request headers whose values enter the fingerprint, in this order.
-    /// Default: `Content-Type`.
-    pub fn with_fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        self.config.fingerprint_headers = names.into_iter().collect();
-        self
-    }
-
-    /// Fingerprint JSON bodies in canonical form, so that reordered members and whitespace count
-    /// as the same request (numbers are compared as written). Default: off (bytes as sent).
-    pub fn with_json_canonicalization(mut self, on: bool) -> Self {
-        self.config.canonical_json = on;
-        self
-    }
-
-    /// Replaces the default fingerprint (method, path, query, fingerprint headers, body) with
-    /// your own, for example a hash of the payload fields that matter.
-    /// Default: [`Fingerprint::of_request`].
-    pub fn with_fingerprint<F>(mut self, fingerprint: F) -> Self
-    where
-        F: Fn(&Parts, &Bytes) -> Fingerprint + Send + Sync + 'static,
-    {
-        self.config.fingerprint = Some(Arc::new(fingerprint));
-        self
-    }
-
-    /// What a duplicate of a request still in progress gets. Default: [`InProgress::Conflict`].
-    pub fn with_in_progress(mut self, policy: InProgress) -> Self {
-        self.config.in_progress = policy;
-        self
-    }
-
-    /// How long a claim holds its key without renewal; the layer renews it every third of this
-    /// while the handler runs, so only a crashed holder loses it. Default: 30 s.
-    pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.config.lease = lease;
-        self
-    }
-
-    /// How long a completed response is replayed (and an abandoned claim kept).
-    /// Default: 24 h.
-    pub fn with_retention(mut self, retention: Duration) -> Self {
-        self.config.retention = retention;
-        self
-    }
-
-    /// The largest request body accepted, in bytes; checked on `Content-Length` before reading,
-    /// then while reading. Larger bodies get 413. Default: 1 MiB.
-    pub fn with_body_limit(mut self, bytes: usize) -> Self {
-        self.config.body_limit = bytes;
-        self
-    }
-
-    /// The largest response body stored for replay, in bytes. A larger body still reaches the
-    /// first caller in full; the key completes with status and headers only, and its replays say
-    /// so in `Idempotent-Replay-Body: omitted`. Default: 1 MiB.
-    pub fn with_store_limit(mut self, bytes: usize) -> Self {
-        self.config.store_limit = bytes;
-        self
-    }
-
-    /// Which responses are stored and replayed; any other releases the key so that a retry runs
-    /// the handler again. Default: [`default_store`] (1xx to 4xx except 408, 409, 429).
-    pub fn with_store_predicate<F>(mut self, store: F) -> Self
-    where
-        F: Fn(StatusCode) -> bool + Send + Sync + 'static,
-    {
-        self.config.store = Some(Arc::new(store));
-        self
-    }
-
-    /// Response headers never stored or replayed, beyond the ones always left out (hop-by-hop
-    /// headers, `Date`, `Set-Cookie`, `Content-Length`). Default: none.
-    pub fn with_replay_deny_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
-        self.config.deny_headers = names.into_iter().collect();
-        self
-    }
-
-    /// What happens when the ledger fails. Default: [`LedgerFailure::FailClosed`] (503).
-    pub fn with_ledger_failure(mut self, policy: LedgerFailure) -> Self {
-        self.config.ledger_failure = policy;
-        self
-    }
-
-    /// The `Retry-After` sent with 409, 202 and 503, rounded up to whole seconds.
-    /// Default: 1 s.
-    pub fn with_retry_after(mut self, after: Duration) -> Self {
-        self.config.retry_after = after;
-        self
-    }
-
-    /// Where the operation-status router answers, and so what `Location` points to under
-    /// [`InProgress::Accepted`]: `{path}/{operation_id}`. Default: `/operations`.
-    pub fn with_operation_path(mut self, path: impl Into<String>) -> Self {
-        self.config.operation_path = path.into();
-        self
-    }
-
-    /// How rejections (400, 409, 413, 422, 503, ...) and the 202 are rendered.
-    /// Default: [`ProblemJson`] (RFC 9457 `application/problem+json`).
-    pub fn with_responder(mut self, responder: impl Responder) -> Self {
-        self.config.responder = Arc::new(responder);
-        self
-    }
-
-    /// The OpenTelemetry meter the layer records its metrics with.
-    /// Default: `opentelemetry::global::meter("tower-idempotency")`, looked up at the first request.
-    pub fn with_meter(mut self, meter: opentelemetry::metrics::Meter) -> Self {
-        self.config.telemetry = Telemetry::with_meter(meter);
-        self
-    }
-
-    pub(crate) fn into_layer(self) -> IdempotencyLayer<L> {
-        IdempotencyLayer::from_parts(self.ledger, self.config)
-    }
-
-    /// Exactly-once mode: after a claim, open a transaction in the ledger's database and hand it
-    /// to the handler as [`LedgerTx`](crate::LedgerTx); the stored response is written in the
-    /// same transaction, fenced by the claim's token, and committed with the handler's writes.
-    /// If the lease was taken over meanwhile, everything rolls back and the caller gets 409 (its
-    /// retry replays the new holder's result); a response that is not stored (5xx), a panic or
-    /// a failed commit rolls back and releases the key. Default: off.
-    ///
-    /// Costs one pooled connection per request in flight for the handler's duration. Side
-    /// effects outside the database (an email, a card network call) are not covered: record
-    /// them in an outbox table in the same transaction and send them from there.
-    pub fn with_transactions(mut self) -> Self
-    where
-        L: TransactionalLedger,
-    {
-        self.config.transactions = Some(Arc::new(Driver {
-            ledger: self.ledger.clone(),
-        }));
-        self
-    }
-
-    /// Checks every setting and builds the layer.
-    pub fn build(self) -> Result<IdempotencyLayer<L>, ConfigError> {
-        let c = &self.config;
-        if c.lease < Duration::from_millis(1) {
-            return Err(ConfigError::ZeroLease);
-        }
-        let wait = match c.in_progress {
-            InProgress::Wait { timeout } => timeout,
-            _ => Duration::ZERO,
-        };
-        for (setting, duration) in [
-            ("lease", c.lease),
-            ("retention", c.retention),
-            ("wait timeout", wait),
-            ("retry after", c.retry_after),
-        ] {
-            if duration > MAX_DURATION {
-                return Err(ConfigError::DurationTooLong(setting));
-            }
-        }
-        if c.retention < c.lease {
-            return Err(ConfigError::RetentionShorterThanLease {
-                retention: c.retention,
-                lease: c.lease,
-            });
-        }
-        if c.body_limit == 0 {
-            return Err(ConfigError::ZeroBodyLimit);
-        }
-        if c.methods.is_empty() {
-            return Err(ConfigError::NoMethods);
-        }
-        if let InProgress::Wait { timeout } = c.in_progress
-            && timeout < Duration::from_millis(1)
-        {
-            return Err(ConfigError::ZeroWaitTimeout);
-        }
-        let path = &c.operation_path;
-        let plain = path.len() > 1
-            && path.starts_with('/')
-            && !path.ends_with('/')
-            && !path.contains("//")
-            && path
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"/-._~".contains(&b));
-        if !plain {
-            return Err(ConfigError::InvalidOperationPath(path.clone()));
-        }
-        Ok(self.into_layer())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tower_idempotency_core::MemoryLedger;
-
-    fn builder() -> IdempotencyLayerBuilder<MemoryLedger> {
-        IdempotencyLayerBuilder::new(MemoryLedger::new())
-    }
 
     #[test]
-    fn defaults_are_valid() {
-        assert!(builder().build().is_ok());
-    }
-
-    #[test]
-    fn invalid_settings_are_named() {
-        let err = |b: IdempotencyLayerBuilder<MemoryLedger>| b.build().err();
-        assert_eq!(
-            err(builder().with_lease(Duration::ZERO)),
-            Some(ConfigError::ZeroLease)
-        );
-        assert!(matches!(
-            err(builder().with_retention(Duration::from_secs(1))),
-            Some(ConfigError::RetentionShorterThanLease { .. })
-        ));
-        assert_eq!(
-            err(builder().with_body_limit(0)),
-            Some(ConfigError::ZeroBodyLimit)
-        );
-        assert_eq!(
-            err(builder().with_methods([])),
-            Some(ConfigError::NoMethods)
-        );
-        assert_eq!(
-            err(builder().with_in_progress(InProgress::Wait {
-                timeout: Duration::ZERO
-            })),
-            Some(ConfigError::ZeroWaitTimeout)
-        );
-        for bad in ["", "/", "ops", "/ops/", "/a//b", "/{id}", "/a b"] {
-            assert!(
-                matches!(
-                    err(builder().with_operation_path(bad)),
-                    Some(ConfigError::InvalidOperationPath(_))
-                ),
-                "{bad:?}"
-            );
-        }
-        assert!(
-            builder()
-                .with_operation_path("/v1/operations")
-                .build()
-                .is_ok()
-        );
-        // "Forever" is not a duration an Instant can hold: refused here, not a panic later.
-        assert_eq!(
-            err(builder().with_in_progress(InProgress::Wait {
-                timeout: Duration::MAX
-            })),
-            Some(ConfigError::DurationTooLong("wait timeout"))
-        );
-        assert_eq!(
-            err(builder().with_retention(Duration::MAX)),
-            Some(ConfigError::DurationTooLong("retention"))
-        );
-        assert_eq!(
-            err(builder()
-                .with_lease(Duration::MAX)
-                .with_retention(Duration::MAX)),
-            Some(ConfigError::DurationTooLong("lease"))
-        );
-        assert_eq!(
-            err(builder().with_retry_after(Duration::MAX)),
-            Some(ConfigError::DurationTooLong("retry after"))
-        );
-        assert!(builder().with_retention(MAX_DURATION).build().is_ok());
-    }
-
-    #[test]
-    fn default_store_predicate() {
+    fn stored_by_default() {
         for stored in [200, 201, 204, 302, 400, 404, 422] {
             assert!(
-                default_store(StatusCode::from_u16(stored).unwrap()),
+                is_stored_by_default(StatusCode::from_u16(stored).unwrap()),
                 "{stored}"
             );
         }
         for released in [408, 409, 429, 500, 502, 503] {
             assert!(
-                !default_store(StatusCode::from_u16(released).unwrap()),
+                !is_stored_by_default(StatusCode::from_u16(released).unwrap()),
                 "{released}"
             );
         }

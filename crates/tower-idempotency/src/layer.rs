@@ -5,7 +5,8 @@ use std::{fmt, sync::Arc};
 use tower_layer::Layer;
 
 use crate::{
-    config::{Config, IdempotencyLayerBuilder},
+    builder::IdempotencyLayerBuilder,
+    config::{Config, Shared},
     service::Idempotency,
 };
 
@@ -21,19 +22,15 @@ use crate::{
 ///     .route("/payments", post(create))
 ///     .layer(IdempotencyLayer::new(MemoryLedger::new()));
 /// ```
+#[must_use = "a layer does nothing until it wraps a service"]
 pub struct IdempotencyLayer<L> {
     pub(crate) shared: Arc<Shared<L>>,
-}
-
-pub(crate) struct Shared<L> {
-    pub(crate) ledger: L,
-    pub(crate) config: Config,
 }
 
 impl<L> IdempotencyLayer<L> {
     /// A layer over `ledger` with every default (see [`IdempotencyLayerBuilder`]).
     pub fn new(ledger: L) -> Self {
-        // The defaults are valid (a unit test in config.rs checks it), so they skip `build`.
+        // The defaults are valid (tests/builder.rs checks it), so they skip `build`.
         IdempotencyLayerBuilder::new(ledger).into_layer()
     }
 

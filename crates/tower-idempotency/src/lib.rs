@@ -45,12 +45,27 @@
 //!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic
 //!    or a failed body, the key is released so that a retry runs again.
 //! 4. Everyone else gets the replay, 409/202/a wait, or 422, as above.
+//!
+//! # Features
+//! The layer is plain tower (`tower-layer`, `tower-service`, `http-body`); both features are on
+//! by default.
+//! - `axum`: the operation-status router (`IdempotencyLayer::operation_router`) and the
+//!   `LedgerTx` extractor of exactly-once mode.
+//! - `opentelemetry`: OpenTelemetry metrics (`with_meter`). Spans go through `tracing` either
+//!   way.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod answer;
 mod body;
+mod builder;
+mod capture;
 mod config;
+mod duplicate;
 mod future;
+mod intake;
 mod layer;
+mod lease;
+#[cfg(feature = "axum")]
 mod operations;
 mod outcome;
 pub mod problem;
@@ -60,18 +75,18 @@ pub mod telemetry;
 mod transaction;
 
 pub use body::ResponseBody;
-pub use config::{
-    ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey, default_store,
-};
+pub use builder::{ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey};
+pub use config::is_stored_by_default;
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;
-pub use response::{REPLAY_BODY, REPLAYED};
+pub use response::{IDEMPOTENT_REPLAY_BODY, IDEMPOTENT_REPLAYED};
 pub use service::Idempotency;
 pub use tower_idempotency_core::{
     self as core, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
     TransactionalLedger, purge_periodically,
 };
+#[cfg(feature = "axum")]
 pub use transaction::{LedgerTx, MissingLedgerTx};
 
 #[doc = include_str!("../../../README.md")]

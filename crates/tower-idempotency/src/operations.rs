@@ -14,8 +14,7 @@ use uuid::Uuid;
 
 use crate::{
     IdempotencyLayer,
-    config::Config,
-    layer::Shared,
+    config::{Config, Shared},
     problem::{Rejection, RejectionKind, render},
     response::replay,
 };
@@ -41,6 +40,7 @@ impl<L: Ledger> IdempotencyLayer<L> {
     ///     .layer(layer.clone())
     ///     .merge(layer.operation_router());
     /// ```
+    #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
     pub fn operation_router<S>(&self) -> Router<S>
     where
         S: Clone + Send + Sync + 'static,

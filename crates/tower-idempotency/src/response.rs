@@ -6,11 +6,13 @@ use tower_idempotency_core::StoredResponse;
 
 use crate::body::ResponseBody;
 
-/// `Idempotent-Replayed: true` marks every replay, as Stripe does.
-pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The `Idempotent-Replayed` header name: `Idempotent-Replayed: true` marks every replay, as
+/// Stripe does.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-/// `Idempotent-Replay-Body: omitted` marks a replay whose body was over the store limit.
-pub const REPLAY_BODY: HeaderName = HeaderName::from_static("idempotent-replay-body");
+/// The `Idempotent-Replay-Body` header name: `Idempotent-Replay-Body: omitted` marks a replay
+/// whose body was over the store limit.
+pub const IDEMPOTENT_REPLAY_BODY: HeaderName = HeaderName::from_static("idempotent-replay-body");
 
 /// Headers that belong to one connection or one message, never to a stored representation
 /// (RFC 9110 section 7.6.1), and the ones the layer never replays.
@@ -74,11 +76,11 @@ pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
     *response.headers_mut() = stored.headers;
     response
         .headers_mut()
-        .insert(REPLAYED, HeaderValue::from_static("true"));
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     if stored.body_omitted {
         response
             .headers_mut()
-            .insert(REPLAY_BODY, HeaderValue::from_static("omitted"));
+            .insert(IDEMPOTENT_REPLAY_BODY, HeaderValue::from_static("omitted"));
     }
     response
 }

@@ -3,34 +3,32 @@
 use std::{
     fmt,
     panic::AssertUnwindSafe,
-    pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::{FutureExt, TryFutureExt};
-use http::{HeaderMap, HeaderName, Request, Response, header};
+use http::{Request, Response};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
-use tower_idempotency_core::{
-    BoxError, Claim, ClaimRequest, Existing, FencingToken, Fingerprint, IdempotencyKey, KeyError,
-    Ledger, LedgerError, LedgerKey, RecordState, StoredResponse,
-};
+use tower_idempotency_core::{BoxError, Claim, ClaimRequest, FencingToken, Ledger, LedgerKey};
 use tower_service::Service;
 use tracing::{Instrument, field::Empty};
 
 use crate::{
     Outcome,
+    answer::{answer, handler_failed, ledger_failed, reject, unavailable},
     body::ResponseBody,
-    config::{Config, InProgress, LedgerFailure, MissingKey},
+    builder::InProgress,
+    capture::{Collected, collect},
+    config::{Config, Shared},
+    duplicate::settle_existing,
     future::{Phase, ResponseFuture},
-    layer::Shared,
-    problem::{Rejection, RejectionKind, render},
-    response::{replay, to_stored},
-    transaction::{TxError, TxHandle},
+    intake,
+    lease::{abandon, complete, release, renewing},
+    response::to_stored,
+    transaction::commit,
 };
 
 /// The middleware service that [`IdempotencyLayer`](crate::IdempotencyLayer) wraps around a
@@ -44,6 +42,21 @@ pub struct Idempotency<S, L> {
 impl<S, L> Idempotency<S, L> {
     pub(crate) fn new(inner: S, shared: Arc<Shared<L>>) -> Self {
         Self { inner, shared }
+    }
+
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, without the layer.
+    pub fn into_inner(self) -> S {
+        self.inner
     }
 }
 
@@ -118,49 +131,6 @@ where
 
 type Result<T, E> = std::result::Result<T, E>;
 
-/// A response with no handler behind it: a rejection, a 202 or a replay.
-fn answer<B>(
-    shared: &Shared<impl Ledger>,
-    outcome: Outcome,
-    response: Response<ResponseBody<B>>,
-) -> Response<ResponseBody<B>> {
-    let mut response = response;
-    shared.config.telemetry.outcome(outcome);
-    response.extensions_mut().insert(outcome);
-    response
-}
-
-fn reject<B>(
-    shared: &Shared<impl Ledger>,
-    outcome: Outcome,
-    rejection: Rejection,
-) -> Response<ResponseBody<B>> {
-    let response = render(&*shared.config.responder, &rejection).map(ResponseBody::full);
-    answer(shared, outcome, response)
-}
-
-/// The key from `headers`: `Ok(None)` if absent, an error if malformed or repeated.
-fn read_key(headers: &HeaderMap, name: &HeaderName) -> Result<Option<IdempotencyKey>, KeyError> {
-    let mut values = headers.get_all(name).iter();
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    if values.next().is_some() {
-        return Err(KeyError::Repeated);
-    }
-    IdempotencyKey::parse(value.as_bytes()).map(Some)
-}
-
-/// The declared length, if the request declares one.
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
 /// One covered request, from its key to its answer; a won key goes on in [`run`].
 ///
 /// Written for the size of its state, which every request allocates and moves:
@@ -199,9 +169,10 @@ where
 {
     async move {
         let config = &shared.config;
-        let key = match read_key(&parts.headers, &config.header) {
+        let key = match intake::key(config, &parts.headers) {
             Ok(Some(key)) => key,
-            Ok(None) if config.missing_key == MissingKey::Allow => {
+            Ok(None) => {
+                // No key, and the layer lets such requests through unprotected.
                 let request = Request::from_parts(*parts, body);
                 let response = Box::pin(inner.call(request)).await?;
                 return Ok(answer(
@@ -210,45 +181,16 @@ where
                     response.map(ResponseBody::stream),
                 ));
             }
-            Ok(None) => {
-                let detail = format!("send a unique `{}` header with this request", config.header);
-                return Ok(reject(
-                    &shared,
-                    Outcome::Rejected,
-                    Rejection::new(RejectionKind::MissingKey, detail),
-                ));
-            }
-            Err(error) => {
-                return Ok(reject(
-                    &shared,
-                    Outcome::Rejected,
-                    Rejection::new(RejectionKind::InvalidKey, error.to_string()),
-                ));
-            }
+            Err(rejection) => return Ok(reject(&shared, Outcome::Rejected, rejection)),
         };
-
-        let limit = config.body_limit;
-        let too_large = || {
-            let detail = format!("the request body is larger than {limit} bytes");
-            Rejection::new(RejectionKind::PayloadTooLarge, detail)
-        };
-        if content_length(&parts.headers).is_some_and(|n| n > limit as u64)
-            || body.size_hint().lower() > limit as u64
+        if let Some(rejection) =
+            intake::declared_too_large(&parts.headers, &body, config.body_limit)
         {
-            return Ok(reject(&shared, Outcome::Rejected, too_large()));
+            return Ok(reject(&shared, Outcome::Rejected, rejection));
         }
-        let body = match Limited::new(body, limit).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(error) if error.downcast_ref::<LengthLimitError>().is_some() => {
-                return Ok(reject(&shared, Outcome::Rejected, too_large()));
-            }
-            Err(_) => {
-                let rejection = Rejection::new(
-                    RejectionKind::BodyUnreadable,
-                    "the request body could not be read",
-                );
-                return Ok(reject(&shared, Outcome::Rejected, rejection));
-            }
+        let body = match intake::read_body(body, config.body_limit).await {
+            Ok(body) => body,
+            Err(rejection) => return Ok(reject(&shared, Outcome::Rejected, rejection)),
         };
 
         let scope = config.scope_of(&parts);
@@ -256,15 +198,7 @@ where
         let scope = Config::scope_digest(&scope);
         let span = tracing::Span::current();
         span.record("key", tracing::field::display(&ledger_key));
-        let fingerprint = match &config.fingerprint {
-            Some(custom) => custom(&parts, &body),
-            None => Fingerprint::of_request(
-                &parts,
-                &config.fingerprint_headers,
-                &body,
-                config.canonical_json,
-            ),
-        };
+        let fingerprint = intake::fingerprint(config, &parts, &body);
 
         let ledger = &shared.ledger;
         let telemetry = &config.telemetry;
@@ -438,355 +372,6 @@ where
                 response,
             ))
             .await),
-        }
-    }
-}
-
-/// The answer to a claim that found a record: a mismatch, a replay or an in-progress answer;
-/// or, under the `Wait` policy before its deadline, `Err(deadline)`: wait, then claim again.
-fn settle_existing<B>(
-    shared: &Shared<impl Ledger>,
-    existing: Existing,
-    fingerprint: Fingerprint,
-    waited: bool,
-    deadline: Option<Instant>,
-) -> Result<Response<ResponseBody<B>>, Instant> {
-    let config = &shared.config;
-    if existing.fingerprint != fingerprint {
-        let rejection = Rejection::new(
-            RejectionKind::KeyReused,
-            "this idempotency key was already used with a different request",
-        );
-        return Ok(reject(shared, Outcome::Mismatch, rejection));
-    }
-    if let RecordState::Completed(stored) = existing.state {
-        let outcome = if waited {
-            Outcome::Waited
-        } else {
-            Outcome::Replayed
-        };
-        return Ok(answer(shared, outcome, replay(stored)));
-    }
-    let in_progress = || {
-        Rejection::new(
-            RejectionKind::InProgress,
-            "a request with this idempotency key is still being processed",
-        )
-        .retry_after(config.retry_after_secs())
-        .operation(existing.operation_id, None)
-    };
-    match (config.in_progress, deadline) {
-        (InProgress::Accepted, _) => {
-            let location = format!("{}/{}", config.operation_path, existing.operation_id);
-            let rejection = Rejection::new(
-                RejectionKind::Accepted,
-                "the request is being processed; poll the Location for its result",
-            )
-            .retry_after(config.retry_after_secs())
-            .operation(existing.operation_id, Some(location));
-            Ok(reject(shared, Outcome::Accepted, rejection))
-        }
-        (InProgress::Wait { .. }, Some(deadline)) if Instant::now() < deadline => Err(deadline),
-        _ => Ok(reject(shared, Outcome::Conflict, in_progress())),
-    }
-}
-
-/// The claim failed: fail open (run the handler unguarded) or closed (503), as configured.
-async fn ledger_failed<S, L, ReqBody, ResBody>(
-    shared: &Shared<L>,
-    mut inner: S,
-    request: Request<ReqBody>,
-    error: LedgerError,
-) -> Result<Response<ResponseBody<ResBody>>, S::Error>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    L: Ledger,
-{
-    tracing::warn!(%error, error.source = ?std::error::Error::source(&error), "idempotency ledger claim failed");
-    match shared.config.ledger_failure {
-        LedgerFailure::FailOpen => {
-            let response = inner.call(request).await?;
-            Ok(answer(
-                shared,
-                Outcome::LedgerError,
-                response.map(ResponseBody::stream),
-            ))
-        }
-        LedgerFailure::FailClosed => Ok(reject(
-            shared,
-            Outcome::LedgerError,
-            unavailable(shared.config.retry_after_secs()),
-        )),
-    }
-}
-
-fn unavailable(retry_after: u64) -> Rejection {
-    Rejection::new(
-        RejectionKind::LedgerUnavailable,
-        "the idempotency ledger is unavailable; the request was not processed",
-    )
-    .retry_after(retry_after)
-}
-
-fn handler_failed<B>(shared: &Shared<impl Ledger>) -> Response<ResponseBody<B>> {
-    let rejection = Rejection::new(
-        RejectionKind::HandlerFailed,
-        "the request failed; it was not recorded, so it may be retried with the same key",
-    );
-    render(&*shared.config.responder, &rejection).map(ResponseBody::full)
-}
-
-/// What reading the handler's response body for storage gave.
-enum Collected<B> {
-    /// The whole body, within the store limit.
-    Full(Bytes),
-    /// Over the store limit: what was read, and the rest, still to stream.
-    Over(Bytes, Pin<Box<B>>),
-    /// The body failed.
-    Failed(BoxError),
-}
-
-async fn collect<B>(body: B, limit: usize) -> Collected<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    let mut body = Box::pin(body);
-    // Most handler bodies are one frame: keep it as it is, with no copy.
-    let mut first: Option<Bytes> = None;
-    let mut buffer = BytesMut::new();
-    loop {
-        match body.frame().await {
-            None => {
-                return Collected::Full(match first {
-                    Some(only) if buffer.is_empty() => only,
-                    _ => buffer.freeze(),
-                });
-            }
-            Some(Err(error)) => return Collected::Failed(error.into()),
-            Some(Ok(frame)) => {
-                // Trailers are not stored and not forwarded for a buffered response.
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                let seen = first.as_ref().map_or(0, Bytes::len) + buffer.len() + data.len();
-                if first.is_none() && buffer.is_empty() {
-                    first = Some(data);
-                } else {
-                    if let Some(only) = first.take() {
-                        buffer.extend_from_slice(&only);
-                    }
-                    buffer.extend_from_slice(&data);
-                }
-                if seen > limit {
-                    let read = match first.take() {
-                        Some(only) => only,
-                        None => buffer.freeze(),
-                    };
-                    return Collected::Over(read, body);
-                }
-            }
-        }
-    }
-}
-
-/// Exactly-once mode: commits the handler's transaction with the ledger's completion in it.
-async fn commit<L: Ledger, B>(
-    shared: &Shared<L>,
-    key: &LedgerKey,
-    token: FencingToken,
-    stored: &StoredResponse,
-    transaction: Box<dyn TxHandle>,
-    response: Response<ResponseBody<B>>,
-) -> Response<ResponseBody<B>> {
-    let config = &shared.config;
-    let committed = config
-        .telemetry
-        .ledger(
-            shared.ledger.name(),
-            "complete",
-            transaction.commit(key, token, stored, config.retention),
-        )
-        .await;
-    match committed {
-        Ok(()) => {
-            config.telemetry.stored(stored.stored_len());
-            answer(shared, Outcome::Executed, response)
-        }
-        Err(TxError::LeaseLost) => {
-            // The handler's writes were rolled back with the transaction, so its response must
-            // not reach the caller: a retry replays the newer holder's result instead.
-            tracing::warn!(
-                "the lease was taken over while the handler ran; its transaction was rolled back"
-            );
-            let rejection = Rejection::new(
-                RejectionKind::InProgress,
-                "this request was taken over by a retry; its writes were rolled back",
-            )
-            .retry_after(config.retry_after_secs());
-            reject(shared, Outcome::Conflict, rejection)
-        }
-        Err(TxError::StillHeld) => {
-            tracing::error!("the handler kept its LedgerTx past its return; rolling back");
-            release(shared, key, token).await;
-            answer(shared, Outcome::Executed, handler_failed(shared))
-        }
-        Err(TxError::Ledger(error)) => {
-            tracing::error!(%error, "committing the handler's transaction failed; nothing was written");
-            release(shared, key, token).await;
-            reject(
-                shared,
-                Outcome::LedgerError,
-                unavailable(config.retry_after_secs()),
-            )
-        }
-    }
-}
-
-/// The handler's result is not to be kept: roll its transaction back, then release the key.
-async fn abandon<L: Ledger>(
-    shared: &Shared<L>,
-    key: &LedgerKey,
-    token: FencingToken,
-    transaction: Option<Box<dyn TxHandle>>,
-) {
-    if let Some(transaction) = transaction {
-        transaction.rollback().await;
-    }
-    release(shared, key, token).await;
-}
-
-/// Drives `handler` while renewing the lease every third of its length, concurrently, so a slow
-/// handler keeps its key and a slow ledger does not stall the handler.
-///
-/// The handler is borrowed, pinned in its caller's state, rather than moved in (which would
-/// hold it twice). Most handlers of a fast service finish at their first poll and need no
-/// renewal timer: one is set up, boxed, only if the handler is still running after it.
-/// Registering a timer costs a timer-wheel entry and often a wake-up of the runtime's driver
-/// (an eventfd write, and on a multi-threaded runtime a cross-thread unpark).
-async fn renewing<L: Ledger, F: Future>(
-    shared: &Shared<L>,
-    key: &LedgerKey,
-    token: FencingToken,
-    mut handler: Pin<&mut F>,
-) -> F::Output {
-    let mut renewals: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(output) = handler.as_mut().poll(cx) {
-            return Poll::Ready(output);
-        }
-        let renewals = renewals.get_or_insert_with(|| Box::pin(renew(shared, key, token)));
-        // `renew` never finishes: it renews until the handler does, or stops at a lost lease.
-        let _ = renewals.as_mut().poll(cx);
-        Poll::Pending
-    })
-    .await
-}
-
-/// Renews the lease every third of its length, forever; after a lost lease, waits forever.
-async fn renew<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, token: FencingToken) {
-    let (ledger, config) = (&shared.ledger, &shared.config);
-    let period = config.lease / 3;
-    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        match config
-            .telemetry
-            .ledger(
-                ledger.name(),
-                "renew",
-                ledger.renew(key, token, config.lease),
-            )
-            .await
-        {
-            Ok(()) => {}
-            Err(LedgerError::LeaseLost) => {
-                tracing::warn!(
-                    "the lease was taken over while the handler ran; its result will not be stored"
-                );
-                return std::future::pending().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "renewing the idempotency lease failed; retrying")
-            }
-        }
-    }
-}
-
-/// Records the handler's response: one attempt here, and only if it fails with a ledger error,
-/// two more with a backoff (boxed, so the retry loop costs the usual path nothing).
-async fn complete<L: Ledger>(
-    shared: &Shared<L>,
-    key: &LedgerKey,
-    token: FencingToken,
-    stored: &StoredResponse,
-) {
-    let (ledger, config) = (&shared.ledger, &shared.config);
-    let first = config
-        .telemetry
-        .ledger(
-            ledger.name(),
-            "complete",
-            ledger.complete(key, token, stored, config.retention),
-        )
-        .await;
-    match first {
-        Ok(()) => config.telemetry.stored(stored.stored_len()),
-        Err(LedgerError::LeaseLost) => lease_lost_before_storing(),
-        Err(error) => Box::pin(complete_retrying(shared, key, token, stored, error)).await,
-    }
-}
-
-fn lease_lost_before_storing() {
-    tracing::warn!(
-        "the lease was taken over before the response was stored; the newer holder's result stands"
-    );
-}
-
-async fn complete_retrying<L: Ledger>(
-    shared: &Shared<L>,
-    key: &LedgerKey,
-    token: FencingToken,
-    stored: &StoredResponse,
-    first: LedgerError,
-) {
-    let (ledger, config) = (&shared.ledger, &shared.config);
-    let mut error = first;
-    let mut backoff = Duration::from_millis(50);
-    for attempt in 2..=3 {
-        tracing::warn!(%error, attempt = attempt - 1, "storing the idempotent response failed; retrying");
-        tokio::time::sleep(backoff).await;
-        backoff *= 2;
-        match config
-            .telemetry
-            .ledger(
-                ledger.name(),
-                "complete",
-                ledger.complete(key, token, stored, config.retention),
-            )
-            .await
-        {
-            Ok(()) => {
-                config.telemetry.stored(stored.stored_len());
-                return;
-            }
-            Err(LedgerError::LeaseLost) => return lease_lost_before_storing(),
-            Err(next) => error = next,
-        }
-    }
-    tracing::error!(%error, "storing the idempotent response failed; the key stays in progress until its lease expires");
-}
-
-async fn release<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, token: FencingToken) {
-    let (ledger, telemetry) = (&shared.ledger, &shared.config.telemetry);
-    match telemetry
-        .ledger(ledger.name(), "release", ledger.release(key, token))
-        .await
-    {
-        Ok(()) | Err(LedgerError::LeaseLost) => {}
-        Err(error) => {
-            tracing::warn!(%error, "releasing the idempotency key failed; it frees itself when the lease expires")
         }
     }
 }

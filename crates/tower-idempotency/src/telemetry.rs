@@ -6,14 +6,17 @@
 //! - `idempotency.ledger`, one per ledger call, a child of the request span: `operation`
 //!   (`claim`, `complete`, `release`, `renew`, `wait`, `lookup`) and `ledger`.
 //!
-//! Metrics (OpenTelemetry; no key or digest is ever a label):
+//! Metrics (OpenTelemetry, with the `opentelemetry` feature; no key or digest is ever a label):
 //! - `idempotency.outcomes` (counter), by `outcome`.
 //! - `idempotency.ledger.duration` (histogram, seconds), by `operation` and `ledger`.
 //! - `idempotency.lease.takeovers` (counter): claims that took over an expired lease.
 //! - `idempotency.stored.bytes` (histogram, bytes): the size of each stored response.
 
-use std::{future::Future, sync::OnceLock, time::Instant};
+use std::future::Future;
+#[cfg(feature = "opentelemetry")]
+use std::{sync::OnceLock, time::Instant};
 
+#[cfg(feature = "opentelemetry")]
 use opentelemetry::{
     KeyValue,
     metrics::{Counter, Histogram, Meter},
@@ -22,11 +25,15 @@ use tracing::Instrument;
 
 use crate::Outcome;
 
+/// The layer's spans, and with the `opentelemetry` feature its metrics.
 pub(crate) struct Telemetry {
+    #[cfg(feature = "opentelemetry")]
     meter: Option<Meter>,
+    #[cfg(feature = "opentelemetry")]
     metrics: OnceLock<Metrics>,
 }
 
+#[cfg(feature = "opentelemetry")]
 struct Metrics {
     outcomes: Counter<u64>,
     ledger_duration: Histogram<f64>,
@@ -39,11 +46,14 @@ impl Telemetry {
     /// may install its provider after building the layer.
     pub(crate) fn global() -> Self {
         Self {
+            #[cfg(feature = "opentelemetry")]
             meter: None,
+            #[cfg(feature = "opentelemetry")]
             metrics: OnceLock::new(),
         }
     }
 
+    #[cfg(feature = "opentelemetry")]
     pub(crate) fn with_meter(meter: Meter) -> Self {
         Self {
             meter: Some(meter),
@@ -51,6 +61,7 @@ impl Telemetry {
         }
     }
 
+    #[cfg(feature = "opentelemetry")]
     fn metrics(&self) -> &Metrics {
         self.metrics.get_or_init(|| {
             let meter = self
@@ -82,6 +93,7 @@ impl Telemetry {
 
     pub(crate) fn outcome(&self, outcome: Outcome) {
         tracing::Span::current().record("outcome", outcome.as_str());
+        #[cfg(feature = "opentelemetry")]
         self.metrics()
             .outcomes
             .add(1, &[KeyValue::new("outcome", outcome.as_str())]);
@@ -89,14 +101,19 @@ impl Telemetry {
 
     pub(crate) fn takeover(&self) {
         tracing::Span::current().record("takeover", true);
+        #[cfg(feature = "opentelemetry")]
         self.metrics().takeovers.add(1, &[]);
     }
 
     pub(crate) fn stored(&self, bytes: usize) {
+        #[cfg(feature = "opentelemetry")]
         self.metrics().stored_bytes.record(bytes as u64, &[]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = bytes;
     }
 
     /// Runs one ledger call in its own span and records its latency.
+    #[cfg(feature = "opentelemetry")]
     pub(crate) async fn ledger<T>(
         &self,
         ledger: &'static str,
@@ -114,5 +131,17 @@ impl Telemetry {
             ],
         );
         result
+    }
+
+    /// Runs one ledger call in its own span.
+    #[cfg(not(feature = "opentelemetry"))]
+    pub(crate) async fn ledger<T>(
+        &self,
+        ledger: &'static str,
+        operation: &'static str,
+        call: impl Future<Output = T>,
+    ) -> T {
+        let span = tracing::info_span!("idempotency.ledger", operation, ledger);
+        call.instrument(span).await
     }
 }

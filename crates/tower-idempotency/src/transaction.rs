@@ -1,25 +1,21 @@
 //! Exactly-once mode: the handler's writes and the completion in one transaction.
 
-use std::{
-    fmt,
-    marker::PhantomData,
-    ops::{Deref, DerefMut},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use axum::{
-    extract::FromRequestParts,
-    response::{IntoResponse, Response},
-};
 use futures_util::future::BoxFuture;
-use http::{Extensions, request::Parts};
-use tokio::sync::{Mutex, OwnedMutexGuard};
+use http::Extensions;
+use tokio::sync::Mutex;
 use tower_idempotency_core::{
     FencingToken, LedgerError, LedgerKey, StoredResponse, TransactionalLedger,
 };
 
-use crate::problem::{ProblemJson, Rejection, RejectionKind, render};
+mod commit;
+#[cfg(feature = "axum")]
+mod extract;
+
+pub(crate) use commit::commit;
+#[cfg(feature = "axum")]
+pub use extract::{LedgerTx, MissingLedgerTx};
 
 /// Begins transactions for a ledger whose type the service does not name (it is fixed when
 /// `with_transactions` is called), so `Idempotency<S, L>` keeps one type in both modes.
@@ -63,7 +59,7 @@ pub(crate) struct Driver<L> {
 /// The slot the extractor and the layer share. `None` once the layer took the transaction back.
 type Slot<T> = Arc<Mutex<Option<T>>>;
 
-/// What the layer puts into the request's extensions.
+/// What the layer puts into the request's extensions, for [`LedgerTx`] to take.
 struct Exposed<L: TransactionalLedger>(Slot<L::Transaction>);
 
 impl<L: TransactionalLedger> Clone for Exposed<L> {
@@ -134,115 +130,6 @@ impl<L: TransactionalLedger> TxHandle for Handle<L> {
                 // Dropping the connection rolls back all the same.
                 tracing::warn!(%error, "rolling back the handler's transaction failed");
             }
-        })
-    }
-}
-
-/// The ledger's transaction, for a handler behind a layer built with
-/// [`with_transactions`](crate::IdempotencyLayerBuilder::with_transactions): write on it, and
-/// the writes commit together with the stored response, or not at all.
-///
-/// It dereferences to the transaction's connection, so with the SQL ledgers it is used as sqlx
-/// expects:
-///
-/// ```text
-/// async fn create(mut tx: LedgerTx<PostgresLedger>, Json(p): Json<NewPayment>) -> StatusCode {
-///     sqlx::query("INSERT INTO payments (amount) VALUES ($1)")
-///         .bind(p.amount)
-///         .execute(&mut *tx)
-///         .await?;
-///     StatusCode::CREATED
-/// }
-/// ```
-///
-/// Do not commit it yourself, and do not keep it past the handler: the layer commits after the
-/// handler returns (and answers 500, rolling back, if the handler still holds it). Without the
-/// layer's transactional mode, extracting it answers 500.
-pub struct LedgerTx<L: TransactionalLedger> {
-    guard: OwnedMutexGuard<Option<L::Transaction>>,
-    ledger: PhantomData<fn() -> L>,
-}
-
-impl<L: TransactionalLedger> fmt::Debug for LedgerTx<L> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LedgerTx").finish_non_exhaustive()
-    }
-}
-
-impl<L> Deref for LedgerTx<L>
-where
-    L: TransactionalLedger,
-    L::Transaction: Deref,
-{
-    type Target = <L::Transaction as Deref>::Target;
-
-    fn deref(&self) -> &Self::Target {
-        // Extraction checked the slot is full, and the layer only empties it through the same
-        // mutex, which this guard holds.
-        self.guard
-            .as_deref()
-            .expect("a LedgerTx always holds its transaction")
-    }
-}
-
-impl<L> DerefMut for LedgerTx<L>
-where
-    L: TransactionalLedger,
-    L::Transaction: DerefMut,
-{
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.guard
-            .as_deref_mut()
-            .expect("a LedgerTx always holds its transaction")
-    }
-}
-
-impl<L: TransactionalLedger> LedgerTx<L> {
-    /// The transaction itself, for APIs that want it rather than its connection.
-    pub fn transaction(&mut self) -> &mut L::Transaction {
-        self.guard
-            .as_mut()
-            .expect("a LedgerTx always holds its transaction")
-    }
-}
-
-/// Why a handler could not get its [`LedgerTx`]: always a server misconfiguration, answered 500.
-#[derive(Debug, Clone, Copy)]
-pub struct MissingLedgerTx;
-
-impl IntoResponse for MissingLedgerTx {
-    fn into_response(self) -> Response {
-        let rejection = Rejection::new(
-            RejectionKind::HandlerFailed,
-            "this handler needs the idempotency layer's transactional mode, which is not enabled \
-             for this route (or the transaction was already finished)",
-        );
-        render(&ProblemJson, &rejection)
-            .map(axum::body::Body::from)
-            .into_response()
-    }
-}
-
-impl<S, L> FromRequestParts<S> for LedgerTx<L>
-where
-    S: Send + Sync,
-    L: TransactionalLedger,
-{
-    type Rejection = MissingLedgerTx;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let Exposed(slot) = parts
-            .extensions
-            .get::<Exposed<L>>()
-            .cloned()
-            .ok_or(MissingLedgerTx)?;
-        let guard = slot.lock_owned().await;
-        if guard.is_none() {
-            return Err(MissingLedgerTx);
-        }
-        Ok(Self {
-            guard,
-            ledger: PhantomData,
         })
     }
 }

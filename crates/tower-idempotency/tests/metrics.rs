@@ -1,5 +1,5 @@
 //! Metrics: the outcome counter and the ledger latency histogram, through an in-memory exporter.
-
+#![cfg(feature = "opentelemetry")]
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod support;

@@ -9,8 +9,7 @@ use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
-    body::Body,
-    http::{Request, StatusCode, header},
+    http::{StatusCode, header},
 };
 use support::*;
 use tokio::sync::Barrier;
@@ -44,9 +43,10 @@ fn app(runs: &Runs, policy: InProgress) -> (Router, IdempotencyLayer<MemoryLedge
         .with_in_progress(policy)
         .build()
         .unwrap();
-    let app = payments(runs.clone(), Duration::from_millis(200))
-        .layer(layer.clone())
-        .merge(layer.operation_router());
+    let app = payments(runs.clone(), Duration::from_millis(200)).layer(layer.clone());
+    // The operation-status resource is the `axum` feature's.
+    #[cfg(feature = "axum")]
+    let app = app.merge(layer.operation_router());
     (app, layer)
 }
 
@@ -77,6 +77,7 @@ async fn conflict_policy_one_run_the_rest_409() {
     }
 }
 
+#[cfg(feature = "axum")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn accepted_policy_one_run_the_rest_202_with_working_locations() {
     let runs = Runs::default();
@@ -102,7 +103,13 @@ async fn accepted_policy_one_run_the_rest_202_with_working_locations() {
     // Every Location resolves, after completion, to the winner's response.
     for (r, _) in accepted {
         let location = r.headers()[header::LOCATION].to_str().unwrap();
-        let (status, body) = send(&app, Request::get(location).body(Body::empty()).unwrap()).await;
+        let (status, body) = send(
+            &app,
+            axum::http::Request::get(location)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status.status(), StatusCode::CREATED, "{location}");
         assert!(is_replay(&status));
         assert_eq!(body, winner_body);

@@ -579,6 +579,7 @@ async fn json_canonicalization_replays_reordered_and_reformatted_bodies() {
     );
 }
 
+#[cfg(feature = "axum")]
 #[tokio::test]
 async fn accepted_policy_answers_202_with_a_working_location_scoped_to_the_caller() {
     let runs = Runs::default();

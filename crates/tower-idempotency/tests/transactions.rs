@@ -1,7 +1,7 @@
 //! Exactly-once mode at the layer: the handler's writes commit with the stored response or not
 //! at all, shown with a ledger whose transaction is a list of writes applied on commit. The SQL
 //! ledgers' real transactions are tested in the tests/ crate.
-
+#![cfg(feature = "axum")]
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod support;
