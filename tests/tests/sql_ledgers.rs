@@ -11,7 +11,7 @@ use tower_idempotency_core::{
     ScopeDigest, StoredResponse, conformance::sample_response,
 };
 use tower_idempotency_sqlx::{
-    ConfigError, PostgresLedger, SqliteLedger,
+    PostgresLedger, SqliteLedger, TableNameError,
     sqlx::{self, AssertSqlSafe, PgPool, SqlitePool, postgres::PgListener},
 };
 
@@ -74,7 +74,7 @@ fn with_table_rejects_bad_names() {
         assert!(
             matches!(
                 sqlite.clone().with_table(bad),
-                Err(ConfigError::InvalidTableName { .. })
+                Err(TableNameError::Invalid { .. })
             ),
             "SQLite accepted {bad:?}"
         );

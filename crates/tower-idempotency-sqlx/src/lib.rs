@@ -57,7 +57,7 @@
 //! source; a row that does not decode (a bad status, a truncated headers blob, a digest of the
 //! wrong length) is [`LedgerError::Corrupt`]; a stale fencing token is
 //! [`LedgerError::LeaseLost`]. Setup (`connect`, `migrate`) returns [`sqlx::Error`], and a bad
-//! table name [`ConfigError`].
+//! table name [`TableNameError`].
 //!
 //! TLS is not enabled by this crate; turn on a `sqlx` TLS feature (such as `tls-rustls`) in your
 //! own manifest and feature unification applies it.
@@ -82,7 +82,7 @@ pub use postgres::PostgresLedger;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteLedger;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use table::{ConfigError, DEFAULT_TABLE};
+pub use table::{DEFAULT_TABLE, TableNameError};
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sqlx;

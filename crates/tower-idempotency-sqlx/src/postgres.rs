@@ -14,7 +14,7 @@ use tower_idempotency_core::{
 use uuid::Uuid;
 
 use crate::{
-    ConfigError,
+    TableNameError,
     listener::Notifier,
     row::{self, COMPLETED, IN_PROGRESS, StoredColumns},
     table::{TableName, render_migration},
@@ -230,7 +230,7 @@ impl PostgresLedger {
     /// assert!(ledger.clone().with_table("Billing").is_err());
     /// # Ok(()) }
     /// ```
-    pub fn with_table(self, name: &str) -> Result<Self, ConfigError> {
+    pub fn with_table(self, name: &str) -> Result<Self, TableNameError> {
         Ok(Self::with(self.pool, TableName::parse(name, true)?))
     }
 

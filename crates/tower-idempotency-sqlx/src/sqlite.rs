@@ -19,7 +19,7 @@ use tower_idempotency_core::{
 use uuid::Uuid;
 
 use crate::{
-    ConfigError,
+    TableNameError,
     row::{self, COMPLETED, IN_PROGRESS, StoredColumns},
     table::{TableName, render_migration},
 };
@@ -207,7 +207,7 @@ impl SqliteLedger {
     /// assert!(ledger.clone().with_table("Robert'); DROP TABLE").is_err());
     /// # Ok(()) }
     /// ```
-    pub fn with_table(self, name: &str) -> Result<Self, ConfigError> {
+    pub fn with_table(self, name: &str) -> Result<Self, TableNameError> {
         let table = TableName::parse(name, false)?;
         Ok(Self {
             pool: self.pool,

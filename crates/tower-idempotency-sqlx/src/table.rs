@@ -1,16 +1,17 @@
 //! Table names: validation, quoting, and the names derived from them.
 
-/// Why a ledger setting was refused.
+/// Why `with_table` refused a table name. (Named apart from `tower_idempotency::ConfigError`,
+/// the layer's, so that both can be imported side by side.)
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum TableNameError {
     /// The table name is not `[a-z_][a-z0-9_]{0,62}` (for PostgreSQL, optionally
     /// `schema.table` with each part so).
     #[error(
         "invalid table name {name:?}: expected [a-z_][a-z0-9_]{{0,62}}{}",
         if *.schema_allowed { ", optionally schema-qualified" } else { "" }
     )]
-    InvalidTableName {
+    Invalid {
         /// The name that was refused.
         name: String,
         /// Whether a `schema.table` name would have been accepted.
@@ -38,8 +39,8 @@ fn is_identifier(part: &str) -> bool {
 }
 
 impl TableName {
-    pub(crate) fn parse(name: &str, schema_allowed: bool) -> Result<Self, ConfigError> {
-        let invalid = || ConfigError::InvalidTableName {
+    pub(crate) fn parse(name: &str, schema_allowed: bool) -> Result<Self, TableNameError> {
+        let invalid = || TableNameError::Invalid {
             name: name.to_owned(),
             schema_allowed,
         };
