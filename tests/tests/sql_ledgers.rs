@@ -542,3 +542,63 @@ fn postgres_waiters_survive_a_lost_listener_connection() {
         table.drop().await;
     });
 }
+
+/// Two table names, 60 bytes long, that differ only in their last byte (issue 14): their index
+/// names were cut to a common prefix, so the second table's `CREATE INDEX IF NOT EXISTS` found
+/// the first table's indexes and created none.
+fn long_twin_names(prefix: &str) -> [String; 2] {
+    let base = format!("{prefix:_<58}");
+    [format!("{base}_a"), format!("{base}_b")]
+}
+
+#[tokio::test]
+async fn sqlite_tables_with_a_long_common_prefix_each_get_their_indexes() {
+    let ledger = common::sqlite_memory_ledger().await;
+    for name in long_twin_names("ti_long") {
+        let twin = ledger.clone().with_table(&name).expect("a valid name");
+        twin.migrate().await.expect("migrate");
+        let indexes: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1 \
+             AND sql IS NOT NULL",
+        )
+        .bind(&name)
+        .fetch_one(ledger.pool())
+        .await
+        .expect("list the indexes");
+        assert_eq!(indexes, 2, "{name} has its operation id and expiry indexes");
+    }
+}
+
+#[tokio::test]
+async fn postgres_tables_with_a_long_common_prefix_each_get_their_indexes() {
+    let Some(url) = common::database_url() else {
+        return;
+    };
+    let pool = common::pg_pool(&url).await;
+    let names = long_twin_names(&common::unique_name("ti_test"));
+    let mut counts = Vec::new();
+    for name in &names {
+        let ledger = PostgresLedger::new(pool.clone())
+            .with_table(name)
+            .expect("a valid name");
+        ledger.migrate().await.expect("migrate");
+        let indexes: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() \
+             AND tablename = $1 \
+             AND (indexdef LIKE '%(operation_id)' OR indexdef LIKE '%(expires_at)')",
+        )
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .expect("list the indexes");
+        counts.push(indexes);
+    }
+    for name in &names {
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE IF EXISTS \"{name}\"")))
+            .execute(&pool)
+            .await
+            .expect("drop the table");
+    }
+    pool.close().await;
+    assert_eq!(counts, [2, 2], "each of {names:?} has its two indexes");
+}
