@@ -4,7 +4,7 @@
 //! | | [`SqliteLedger`] (feature `sqlite`) | [`PostgresLedger`] (feature `postgres`) |
 //! |---|---|---|
 //! | for | one machine: an embedded file, or memory | many app instances sharing a database |
-//! | clock | the application's | the database's (`now()`) |
+//! | clock | the machine's, read by SQLite per statement | the database's (`now()`) |
 //! | waiting duplicates | poll, 5 ms doubling to 100 ms | `LISTEN`/`NOTIFY` |
 //!
 //! Both keep one table (default `idempotency_records`, see `with_table`), created by `migrate()`

@@ -1,11 +1,6 @@
 //! The SQLite ledger.
 
-use std::{
-    fmt,
-    str::FromStr,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{fmt, str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
     AssertSqlSafe, Executor, Row, SqlSafeStr, SqlStr,
@@ -37,10 +32,11 @@ const CLAIM_ATTEMPTS: usize = 8;
 ///
 /// # Clock
 ///
-/// Times (`lease_until`, `expires_at`) are milliseconds since the Unix epoch **by this process's
-/// clock**. A SQLite file is used by the processes of one machine, which share a clock, and
-/// reading it in Rust keeps each statement free of date functions. (The PostgreSQL ledger, shared
-/// by many machines, uses the database's clock instead.)
+/// Times (`lease_until`, `expires_at`) are milliseconds since the Unix epoch **by the machine's
+/// clock, read by SQLite when the statement runs** (`unixepoch('subsec')`), so that time spent
+/// waiting for a pool connection does not shorten the lease a claim grants. A SQLite file is used
+/// by the processes of one machine, which share a clock. (The PostgreSQL ledger, shared by many
+/// machines, uses the database's clock the same way.)
 ///
 /// # Connections
 ///
@@ -90,67 +86,69 @@ impl Statements {
         // Arc-backed, so that cloning a statement per call does not copy it.
         let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
         Self {
-            // ?1 key, ?2 scope, ?3 fingerprint, ?4 operation id, ?5 token, ?6 lease deadline,
-            // ?7 expiry, ?8 now. One statement decides: insert, replace an expired record, take
+            // ?1 key, ?2 scope, ?3 fingerprint, ?4 operation id, ?5 token, ?6 lease and
+            // ?7 retention in ms. One statement decides: insert, replace an expired record, take
             // over an expired lease with the same fingerprint, or write nothing. The SET
             // expressions read the old row, so a takeover keeps its operation id.
             claim: sql(format!(
                 "INSERT INTO {t} (key, scope, fingerprint, operation_id, token, state, \
                    lease_until, expires_at, status, headers, body, body_omitted) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, '{IN_PROGRESS}', ?6, ?7, NULL, NULL, NULL, 0) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, '{IN_PROGRESS}', {NOW} + ?6, {NOW} + ?7, \
+                   NULL, NULL, NULL, 0) \
                  ON CONFLICT (key) DO UPDATE SET \
-                   operation_id = CASE WHEN expires_at <= ?8 \
+                   operation_id = CASE WHEN expires_at <= {NOW} \
                      THEN excluded.operation_id ELSE operation_id END, \
                    scope = excluded.scope, fingerprint = excluded.fingerprint, \
                    token = excluded.token, state = '{IN_PROGRESS}', \
                    lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
                    status = NULL, headers = NULL, body = NULL, body_omitted = 0 \
-                 WHERE expires_at <= ?8 OR (state = '{IN_PROGRESS}' AND lease_until <= ?8 \
+                 WHERE expires_at <= {NOW} OR (state = '{IN_PROGRESS}' AND lease_until <= {NOW} \
                    AND fingerprint = excluded.fingerprint) \
                  RETURNING operation_id, token"
             )),
             existing: sql(format!(
                 "SELECT fingerprint, operation_id, state, status, headers, body, body_omitted \
-                 FROM {t} WHERE key = ?1 AND expires_at > ?2"
+                 FROM {t} WHERE key = ?1 AND expires_at > {NOW}"
             )),
             complete: sql(format!(
                 "UPDATE {t} SET state = '{COMPLETED}', lease_until = NULL, status = ?3, \
-                   headers = ?4, body = ?5, body_omitted = ?6, expires_at = ?7 \
-                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > ?8"
+                   headers = ?4, body = ?5, body_omitted = ?6, expires_at = {NOW} + ?7 \
+                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' \
+                   AND expires_at > {NOW}"
             )),
             release: sql(format!(
                 "DELETE FROM {t} \
-                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > ?3"
+                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > {NOW}"
             )),
             renew: sql(format!(
-                "UPDATE {t} SET lease_until = ?3, expires_at = MAX(expires_at, ?3) \
-                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > ?4"
+                "UPDATE {t} SET lease_until = {NOW} + ?3, \
+                   expires_at = MAX(expires_at, {NOW} + ?3) \
+                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' \
+                   AND expires_at > {NOW}"
             )),
             operation: sql(format!(
                 "SELECT state, status, headers, body, body_omitted FROM {t} \
-                 WHERE operation_id = ?1 AND scope = ?2 AND expires_at > ?3"
+                 WHERE operation_id = ?1 AND scope = ?2 AND expires_at > {NOW}"
             )),
             // The outer `expires_at` test is redundant under SQLite's single writer; it keeps the
             // statement correct on its own, as in the PostgreSQL ledger.
             purge: sql(format!(
                 "DELETE FROM {t} WHERE key IN \
-                   (SELECT key FROM {t} WHERE expires_at <= ?1 LIMIT ?2) \
-                 AND expires_at <= ?1"
+                   (SELECT key FROM {t} WHERE expires_at <= {NOW} LIMIT ?1) \
+                 AND expires_at <= {NOW}"
             )),
             held: sql(format!(
                 "SELECT token FROM {t} WHERE key = ?1 AND state = '{IN_PROGRESS}' \
-                 AND expires_at > ?2 AND lease_until > ?2"
+                 AND expires_at > {NOW} AND lease_until > {NOW}"
             )),
         }
     }
 }
 
-/// Milliseconds since the Unix epoch by this process's clock.
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, row::millis)
-}
+/// Milliseconds since the Unix epoch, read by SQLite when the statement runs (after the pool
+/// handed out a connection, so a wait for one does not eat into a lease). `'now'` is the same for
+/// every use within one statement.
+const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
 fn uuid_column(row: &SqliteRow, column: &str) -> Result<Uuid, LedgerError> {
     row.try_get(column).map_err(row::error)
@@ -247,10 +245,9 @@ impl SqliteLedger {
             .collect()
     }
 
-    async fn existing(&self, key: &LedgerKey, now: i64) -> Result<Option<Existing>, LedgerError> {
+    async fn existing(&self, key: &LedgerKey) -> Result<Option<Existing>, LedgerError> {
         let Some(found) = sqlx::query(self.sql.existing.clone())
             .bind(&key.as_bytes()[..])
-            .bind(now)
             .fetch_optional(&self.pool)
             .await
             .map_err(row::error)?
@@ -269,7 +266,6 @@ impl SqliteLedger {
     async fn held(&self, key: &LedgerKey) -> Result<Option<Uuid>, LedgerError> {
         sqlx::query(self.sql.held.clone())
             .bind(&key.as_bytes()[..])
-            .bind(now_ms())
             .fetch_optional(&self.pool)
             .await
             .map_err(row::error)?
@@ -304,16 +300,14 @@ impl Ledger for SqliteLedger {
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
         for _ in 0..CLAIM_ATTEMPTS {
-            let now = now_ms();
             let won = sqlx::query(self.sql.claim.clone())
                 .bind(&request.key.as_bytes()[..])
                 .bind(&request.scope.as_bytes()[..])
                 .bind(&request.fingerprint.as_bytes()[..])
                 .bind(request.operation_id)
                 .bind(request.token.as_uuid())
-                .bind(now.saturating_add(row::millis(request.lease)))
-                .bind(now.saturating_add(row::millis(request.retention)))
-                .bind(now)
+                .bind(row::millis(request.lease))
+                .bind(row::millis(request.retention))
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(row::error)?;
@@ -328,7 +322,7 @@ impl Ledger for SqliteLedger {
             }
             // The record was live a moment ago; read it to report it. If it went away in
             // between (released, purged), claim again.
-            if let Some(existing) = self.existing(&request.key, now_ms()).await? {
+            if let Some(existing) = self.existing(&request.key).await? {
                 return Ok(Claim::Existing(existing));
             }
         }
@@ -352,7 +346,6 @@ impl Ledger for SqliteLedger {
         let done = sqlx::query(self.sql.release.clone())
             .bind(&key.as_bytes()[..])
             .bind(token.as_uuid())
-            .bind(now_ms())
             .execute(&self.pool)
             .await
             .map_err(row::error)?;
@@ -365,12 +358,10 @@ impl Ledger for SqliteLedger {
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), LedgerError> {
-        let now = now_ms();
         let done = sqlx::query(self.sql.renew.clone())
             .bind(&key.as_bytes()[..])
             .bind(token.as_uuid())
-            .bind(now.saturating_add(row::millis(lease)))
-            .bind(now)
+            .bind(row::millis(lease))
             .execute(&self.pool)
             .await
             .map_err(row::error)?;
@@ -385,7 +376,6 @@ impl Ledger for SqliteLedger {
         sqlx::query(self.sql.operation.clone())
             .bind(id)
             .bind(&scope.as_bytes()[..])
-            .bind(now_ms())
             .fetch_optional(&self.pool)
             .await
             .map_err(row::error)?
@@ -399,7 +389,6 @@ impl Ledger for SqliteLedger {
         let mut purged = 0;
         loop {
             let done = sqlx::query(self.sql.purge.clone())
-                .bind(now_ms())
                 .bind(limit)
                 .execute(&self.pool)
                 .await
@@ -448,7 +437,6 @@ impl SqliteLedger {
     where
         E: Executor<'e, Database = sqlx::Sqlite>,
     {
-        let now = now_ms();
         let done = sqlx::query(self.sql.complete.clone())
             .bind(&key.as_bytes()[..])
             .bind(token.as_uuid())
@@ -456,8 +444,7 @@ impl SqliteLedger {
             .bind(StoredResponse::encode_headers(&response.headers))
             .bind(&response.body[..])
             .bind(response.body_omitted)
-            .bind(now.saturating_add(row::millis(retention)))
-            .bind(now)
+            .bind(row::millis(retention))
             .execute(executor)
             .await
             .map_err(row::error)?;
