@@ -22,9 +22,12 @@ pub enum TableNameError {
 /// The table name used by `new`: `idempotency_records`.
 pub const DEFAULT_TABLE: &str = "idempotency_records";
 
-/// A validated table name, optionally schema-qualified.
+/// A validated table name, optionally schema-qualified. (`pub` only because [`Backend`]'s
+/// methods take it; neither is nameable outside the crate.)
+///
+/// [`Backend`]: crate::backend::Backend
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TableName {
+pub struct TableName {
     schema: Option<String>,
     name: String,
 }
