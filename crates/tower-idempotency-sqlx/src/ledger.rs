@@ -74,6 +74,7 @@ impl<DB: Backend> SqlLedger<DB> {
     /// schema must exist).
     ///
     /// ```
+    /// # #[cfg(feature = "sqlite")]
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// # let pool = tower_idempotency_sqlx::sqlx::SqlitePool::connect_lazy("sqlite::memory:")?;
     /// use tower_idempotency_sqlx::SqliteLedger;

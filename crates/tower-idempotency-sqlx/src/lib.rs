@@ -51,6 +51,17 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Examples
+//!
+//! Two small axum apps with the layer in front of a payments endpoint, each migrating its ledger
+//! and spawning [`purge_periodically`]: `examples/sqlite.rs` (scoped by an `X-Tenant` header)
+//! and `examples/postgres.rs` (one fixed tenant; reads `DATABASE_URL`).
+//!
+//! ```text
+//! cargo run -p tower-idempotency-sqlx --features sqlite --example sqlite
+//! DATABASE_URL=postgres://… cargo run -p tower-idempotency-sqlx --features postgres --example postgres
+//! ```
+//!
 //! # Errors
 //!
 //! Connection and query failures are [`LedgerError::Backend`] with the [`sqlx::Error`] as its

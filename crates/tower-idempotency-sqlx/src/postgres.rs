@@ -31,7 +31,7 @@ use crate::{
 ///   hex digest, in the same statement. Records nobody waits for are not notified: a notifying
 ///   commit takes a lock shared by every notifying commit in the database, and notifying every
 ///   completion cut fresh-path throughput by about a quarter (docs/benchmarks.md). The first
-///   [`wait_for_change`](Ledger::wait_for_change) starts one listener connection per ledger (its
+///   [`wait_for_change`](crate::Ledger::wait_for_change) starts one listener connection per ledger (its
 ///   own, not one of the pool's); while it is unavailable, waiters poll.
 ///
 /// # Exactly-once mode
