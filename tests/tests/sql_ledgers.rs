@@ -11,7 +11,7 @@ use tower_idempotency_core::{
     ScopeDigest, StoredResponse, conformance::sample_response,
 };
 use tower_idempotency_sqlx::{
-    ConfigError, PostgresLedger, SqliteLedger,
+    PostgresLedger, SqliteLedger, TableNameError,
     sqlx::{self, AssertSqlSafe, PgPool, SqlitePool, postgres::PgListener},
 };
 
@@ -74,7 +74,7 @@ fn with_table_rejects_bad_names() {
         assert!(
             matches!(
                 sqlite.clone().with_table(bad),
-                Err(ConfigError::InvalidTableName { .. })
+                Err(TableNameError::Invalid { .. })
             ),
             "SQLite accepted {bad:?}"
         );
@@ -541,4 +541,99 @@ fn postgres_waiters_survive_a_lost_listener_connection() {
         assert!(back, "the listener reconnected");
         table.drop().await;
     });
+}
+
+/// Two table names, 60 bytes long, that differ only in their last byte (issue 14): their index
+/// names were cut to a common prefix, so the second table's `CREATE INDEX IF NOT EXISTS` found
+/// the first table's indexes and created none.
+fn long_twin_names(prefix: &str) -> [String; 2] {
+    let base = format!("{prefix:_<58}");
+    [format!("{base}_a"), format!("{base}_b")]
+}
+
+#[tokio::test]
+async fn sqlite_tables_with_a_long_common_prefix_each_get_their_indexes() {
+    let ledger = common::sqlite_memory_ledger().await;
+    for name in long_twin_names("ti_long") {
+        let twin = ledger.clone().with_table(&name).expect("a valid name");
+        twin.migrate().await.expect("migrate");
+        let indexes: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1 \
+             AND sql IS NOT NULL",
+        )
+        .bind(&name)
+        .fetch_one(ledger.pool())
+        .await
+        .expect("list the indexes");
+        assert_eq!(indexes, 2, "{name} has its operation id and expiry indexes");
+    }
+}
+
+#[tokio::test]
+async fn postgres_tables_with_a_long_common_prefix_each_get_their_indexes() {
+    let Some(url) = common::database_url() else {
+        return;
+    };
+    let pool = common::pg_pool(&url).await;
+    let names = long_twin_names(&common::unique_name("ti_test"));
+    let mut counts = Vec::new();
+    for name in &names {
+        let ledger = PostgresLedger::new(pool.clone())
+            .with_table(name)
+            .expect("a valid name");
+        ledger.migrate().await.expect("migrate");
+        let indexes: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() \
+             AND tablename = $1 \
+             AND (indexdef LIKE '%(operation_id)' OR indexdef LIKE '%(expires_at)')",
+        )
+        .bind(name)
+        .fetch_one(&pool)
+        .await
+        .expect("list the indexes");
+        counts.push(indexes);
+    }
+    for name in &names {
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE IF EXISTS \"{name}\"")))
+            .execute(&pool)
+            .await
+            .expect("drop the table");
+    }
+    pool.close().await;
+    assert_eq!(counts, [2, 2], "each of {names:?} has its two indexes");
+}
+
+/// A claim that waits for a pool connection still gets its whole lease (issue 12): SQLite read the
+/// clock before the wait, so a 2 s lease granted after a 3 s wait had already run out.
+#[tokio::test]
+async fn sqlite_lease_is_timed_from_when_the_claim_runs_not_from_the_pool_wait() {
+    // An in-memory ledger's pool has one connection.
+    let ledger = common::sqlite_memory_ledger().await;
+    let held = ledger.pool().acquire().await.expect("the only connection");
+    let mut claim = request("k", "body");
+    claim.lease = Duration::from_secs(2);
+    let claimer = tokio::spawn({
+        let (ledger, claim) = (ledger.clone(), claim.clone());
+        async move { ledger.claim(&claim).await }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(held);
+    let Claim::Acquired(_) = claimer.await.expect("no panic").expect("claim") else {
+        panic!("a fresh key is acquired")
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis();
+    let lease_until: i64 =
+        sqlx::query_scalar("SELECT lease_until FROM idempotency_records WHERE key = ?1")
+            .bind(&claim.key.as_bytes()[..])
+            .fetch_one(ledger.pool())
+            .await
+            .expect("read the lease");
+    let left = i128::from(lease_until) - now_ms as i128;
+    assert!(
+        left > 1000,
+        "the lease has {left} ms left just after the claim returned; expected about 2000"
+    );
 }

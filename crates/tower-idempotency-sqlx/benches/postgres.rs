@@ -31,7 +31,7 @@ use tower_idempotency_core::{
 use tower_idempotency_sqlx::{
     PostgresLedger,
     sqlx::{
-        self, AssertSqlSafe, PgPool,
+        self, AssertSqlSafe, PgPool, SqlStr,
         postgres::{PgConnectOptions, PgPoolOptions},
     },
 };
@@ -137,52 +137,22 @@ impl Pair for ThroughLedger {
     }
 }
 
-/// The ledger's two statements, as the ledger builds them, issued raw.
+/// The ledger's own claim and complete statements (`PostgresLedger::statements`), issued raw:
+/// the same SQL, without the ledger's decoding and fencing around it.
 #[derive(Clone)]
 struct Raw {
     pool: PgPool,
-    claim: Arc<str>,
-    complete: Arc<str>,
+    claim: SqlStr,
+    complete: SqlStr,
 }
 
 impl Raw {
-    fn new(pool: PgPool, table: &str, channel: &str) -> Self {
-        let columns = "operation_id, fingerprint, state, status, headers, body, body_omitted";
-        let now = |n: u8| format!("now() + ${n}::bigint * interval '1 millisecond'");
-        let claim = format!(
-            "WITH claimed AS ( \
-               INSERT INTO \"{table}\" AS r (key, scope, fingerprint, operation_id, token, state, \
-                 lease_until, expires_at, status, headers, body, body_omitted) \
-               VALUES ($1, $2, $3, $4, $5, 'in_progress', {lease}, {retention}, \
-                 NULL, NULL, NULL, false) \
-               ON CONFLICT (key) DO UPDATE SET \
-                 operation_id = CASE WHEN r.expires_at <= now() \
-                   THEN excluded.operation_id ELSE r.operation_id END, \
-                 scope = excluded.scope, fingerprint = excluded.fingerprint, \
-                 token = excluded.token, state = 'in_progress', \
-                 lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
-                 status = NULL, headers = NULL, body = NULL, body_omitted = false \
-               WHERE r.expires_at <= now() OR (r.state = 'in_progress' \
-                 AND r.lease_until <= now() AND r.fingerprint = excluded.fingerprint) \
-               RETURNING {columns}) \
-             SELECT true AS won, {columns} FROM claimed \
-             UNION ALL \
-             SELECT false, {columns} FROM \"{table}\" \
-             WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)",
-            lease = now(6),
-            retention = now(7),
-        );
-        let complete = format!(
-            "UPDATE \"{table}\" SET state = 'completed', lease_until = NULL, status = $3, \
-               headers = $4, body = $5, body_omitted = $6, expires_at = {retention} \
-             WHERE key = $1 AND token = $2 AND state = 'in_progress' AND expires_at > now() \
-             RETURNING pg_notify('{channel}', encode(key, 'hex'))",
-            retention = now(7),
-        );
+    fn new(ledger: &PostgresLedger) -> Self {
+        let statements = ledger.statements();
         Self {
-            pool,
-            claim: claim.into(),
-            complete: complete.into(),
+            pool: ledger.pool().clone(),
+            claim: statements.claim.clone(),
+            complete: statements.complete.clone(),
         }
     }
 }
@@ -190,7 +160,7 @@ impl Raw {
 impl Pair for Raw {
     async fn pair(&self) {
         let request = request();
-        let row = sqlx::query(AssertSqlSafe(self.claim.clone()))
+        let row = sqlx::query(self.claim.clone())
             .bind(&request.key.as_bytes()[..])
             .bind(&request.scope.as_bytes()[..])
             .bind(&request.fingerprint.as_bytes()[..])
@@ -203,7 +173,7 @@ impl Pair for Raw {
             .expect("claim");
         black_box(row);
         let response = response();
-        let done = sqlx::query(AssertSqlSafe(self.complete.clone()))
+        let done = sqlx::query(self.complete.clone())
             .bind(&request.key.as_bytes()[..])
             .bind(request.token.as_uuid())
             .bind(response.status.as_u16() as i16)
@@ -258,7 +228,7 @@ fn pairs() {
             };
             let ledger = ThroughLedger(table(&pool, &format!("pairs_{label}_ledger")).await);
             let raw_ledger = table(&pool, &format!("pairs_{label}_raw")).await;
-            let raw = Raw::new(pool.clone(), &raw_ledger.table(), raw_ledger.channel());
+            let raw = Raw::new(&raw_ledger);
             for (workers, per_round) in WORKERS.into_iter().zip(per_round) {
                 // Warm up: connections opened, statements prepared.
                 run_pairs(ledger.clone(), workers, per_round / 4).await;

@@ -4,7 +4,7 @@
 //! | | [`SqliteLedger`] (feature `sqlite`) | [`PostgresLedger`] (feature `postgres`) |
 //! |---|---|---|
 //! | for | one machine: an embedded file, or memory | many app instances sharing a database |
-//! | clock | the application's | the database's (`now()`) |
+//! | clock | the machine's, read by SQLite per statement | the database's (`now()`) |
 //! | waiting duplicates | poll, 5 ms doubling to 100 ms | `LISTEN`/`NOTIFY` |
 //!
 //! Both keep one table (default `idempotency_records`, see `with_table`), created by `migrate()`
@@ -51,22 +51,41 @@
 //! # Ok(()) }
 //! ```
 //!
+//! # Examples
+//!
+//! Two small axum apps with the layer in front of a payments endpoint, each migrating its ledger
+//! and spawning [`purge_periodically`]: `examples/sqlite.rs` (scoped by an `X-Tenant` header)
+//! and `examples/postgres.rs` (one fixed tenant; reads `DATABASE_URL`).
+//!
+//! ```text
+//! cargo run -p tower-idempotency-sqlx --features sqlite --example sqlite
+//! DATABASE_URL=postgres://… cargo run -p tower-idempotency-sqlx --features postgres --example postgres
+//! ```
+//!
 //! # Errors
 //!
 //! Connection and query failures are [`LedgerError::Backend`] with the [`sqlx::Error`] as its
 //! source; a row that does not decode (a bad status, a truncated headers blob, a digest of the
 //! wrong length) is [`LedgerError::Corrupt`]; a stale fencing token is
 //! [`LedgerError::LeaseLost`]. Setup (`connect`, `migrate`) returns [`sqlx::Error`], and a bad
-//! table name [`ConfigError`].
+//! table name [`TableNameError`].
 //!
 //! TLS is not enabled by this crate; turn on a `sqlx` TLS feature (such as `tls-rustls`) in your
 //! own manifest and feature unification applies it.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod backend;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod ledger;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod migrate;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod row;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod table;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod tx;
 
 #[cfg(feature = "postgres")]
 mod listener;
@@ -75,6 +94,8 @@ mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use ledger::SqlLedger;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresLedger;
@@ -82,7 +103,7 @@ pub use postgres::PostgresLedger;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteLedger;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use table::{ConfigError, DEFAULT_TABLE};
+pub use table::{DEFAULT_TABLE, TableNameError};
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sqlx;

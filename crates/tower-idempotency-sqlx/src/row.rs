@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::StatusCode;
-use tower_idempotency_core::{Fingerprint, LedgerError, RecordState, StoredResponse};
+use sqlx::{ColumnIndex, Decode, Row, Type};
+use tower_idempotency_core::{Existing, Fingerprint, LedgerError, RecordState, StoredResponse};
+use uuid::Uuid;
 
 pub(crate) const IN_PROGRESS: &str = "in_progress";
 pub(crate) const COMPLETED: &str = "completed";
@@ -46,6 +48,57 @@ impl StoredColumns {
             body_omitted: self.body_omitted,
         })
     }
+}
+
+/// The record columns of `row` (a claim's read-back, or an operation lookup), in either database.
+pub(crate) fn columns<R>(row: &R) -> Result<StoredColumns, LedgerError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i16: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> Vec<u8>: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> bool: Decode<'a, R::Database> + Type<R::Database>,
+{
+    // A smallint in PostgreSQL; in SQLite, an integer out of its range does not decode.
+    let status: Option<i16> = row.try_get("status").map_err(error)?;
+    Ok(StoredColumns {
+        state: row.try_get("state").map_err(error)?,
+        status: status.map(i64::from),
+        headers: row.try_get("headers").map_err(error)?,
+        body: row.try_get("body").map_err(error)?,
+        body_omitted: row.try_get("body_omitted").map_err(error)?,
+    })
+}
+
+/// The record a claim lost to, from its columns (`fingerprint`, `operation_id` and
+/// [`columns`]).
+pub(crate) fn existing<R>(row: &R) -> Result<Existing, LedgerError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i16: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> Vec<u8>: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> bool: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> Uuid: Decode<'a, R::Database> + Type<R::Database>,
+{
+    let fingerprint_bytes: Vec<u8> = row.try_get("fingerprint").map_err(error)?;
+    Ok(Existing {
+        fingerprint: fingerprint(&fingerprint_bytes)?,
+        operation_id: uuid(row, "operation_id")?,
+        state: columns(row)?.into_state()?,
+    })
+}
+
+/// A UUID column.
+pub(crate) fn uuid<R>(row: &R, column: &str) -> Result<Uuid, LedgerError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> Uuid: Decode<'a, R::Database> + Type<R::Database>,
+{
+    row.try_get(column).map_err(error)
 }
 
 /// A stored fingerprint: exactly 32 bytes.

@@ -1,46 +1,33 @@
-//! The SQLite ledger.
+//! The SQLite ledger: its SQL, its claim, and its connection settings.
 
-use std::{
-    fmt,
-    str::FromStr,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{fmt, str::FromStr, time::Duration};
 
 use sqlx::{
-    AssertSqlSafe, Executor, Row, SqlSafeStr, SqlStr,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow},
+    Pool, SqlStr, Sqlite,
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteQueryResult, SqliteRow,
+    },
 };
 use tokio::time::Instant;
-use tower_idempotency_core::{
-    Claim, ClaimRequest, Existing, FencingToken, Lease, Ledger, LedgerError, LedgerKey,
-    OperationId, RecordState, ScopeDigest, StoredResponse, TransactionalLedger,
-};
-use uuid::Uuid;
+use tower_idempotency_core::{Claim, ClaimRequest, LedgerError, LedgerKey};
 
 use crate::{
-    ConfigError,
-    row::{self, COMPLETED, IN_PROGRESS, StoredColumns},
-    table::{TableName, render_migration},
+    SqlLedger,
+    backend::{Backend, Statements, statement},
+    ledger::acquired,
+    row::{self, COMPLETED, IN_PROGRESS},
+    table::TableName,
 };
-
-/// The shipped migrations, in order.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_create_records",
-    include_str!("../migrations/sqlite/0001_create_records.sql"),
-)];
-
-/// How often a claim retries when the record it lost to vanished before it could be read.
-const CLAIM_ATTEMPTS: usize = 8;
 
 /// A ledger in a SQLite database: the embedded default, for one machine (one file, or memory).
 ///
 /// # Clock
 ///
-/// Times (`lease_until`, `expires_at`) are milliseconds since the Unix epoch **by this process's
-/// clock**. A SQLite file is used by the processes of one machine, which share a clock, and
-/// reading it in Rust keeps each statement free of date functions. (The PostgreSQL ledger, shared
-/// by many machines, uses the database's clock instead.)
+/// Times (`lease_until`, `expires_at`) are milliseconds since the Unix epoch **by the machine's
+/// clock, read by SQLite when the statement runs** (`unixepoch('subsec')`), so that time spent
+/// waiting for a pool connection does not shorten the lease a claim grants. A SQLite file is used
+/// by the processes of one machine, which share a clock. (The PostgreSQL ledger, shared by many
+/// machines, uses the database's clock the same way.)
 ///
 /// # Connections
 ///
@@ -56,6 +43,21 @@ const CLAIM_ATTEMPTS: usize = 8;
 /// - For a file, use WAL (`journal_mode(Wal)`) and a busy timeout, so that readers do not block
 ///   the writer and writers wait for each other instead of failing.
 ///
+/// # Exactly-once mode
+///
+/// As a [`TransactionalLedger`](tower_idempotency_core::TransactionalLedger), the completion is
+/// written in the handler's transaction and committed with it. The transaction is SQLite's
+/// default (deferred): it takes the write lock at the handler's first write and holds it until
+/// the commit, so write late in the handler. A handler that reads, then writes after another
+/// connection committed, may get `SQLITE_BUSY`; the layer then answers 503 and releases the key,
+/// and the retry runs again.
+///
+/// # Waiting duplicates
+///
+/// [`wait_for_change`](tower_idempotency_core::Ledger::wait_for_change) polls the record, 5 ms
+/// after the call and then at doubling intervals up to 100 ms, until it is no longer in progress
+/// under the lease first seen (SQLite has no change notification across processes).
+///
 /// Cloning is cheap and shares the pool.
 ///
 /// ```no_run
@@ -66,108 +68,129 @@ const CLAIM_ATTEMPTS: usize = 8;
 /// ledger.migrate().await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
-pub struct SqliteLedger {
-    pool: SqlitePool,
-    table: TableName,
-    sql: Arc<Statements>,
-}
+pub type SqliteLedger = SqlLedger<Sqlite>;
 
-struct Statements {
-    claim: SqlStr,
+/// Milliseconds since the Unix epoch, read by SQLite when the statement runs (after the pool
+/// handed out a connection, so a wait for one does not eat into a lease). `'now'` is the same for
+/// every use within one statement.
+const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
+/// The SQLite ledger's own statement: the record a claim lost to (`1` key).
+#[derive(Debug)]
+pub struct ReadBack {
     existing: SqlStr,
-    complete: SqlStr,
-    release: SqlStr,
-    renew: SqlStr,
-    operation: SqlStr,
-    purge: SqlStr,
-    held: SqlStr,
 }
 
-impl Statements {
-    fn new(table: &TableName) -> Self {
+impl Backend for Sqlite {
+    const KIND: &'static str = "sqlite";
+    const LEDGER: &'static str = "SqliteLedger";
+    const SCHEMAS: bool = false;
+    const MIGRATIONS: &'static [(&'static str, &'static str)] = &[(
+        "0001_create_records",
+        include_str!("../migrations/sqlite/0001_create_records.sql"),
+    )];
+
+    type Extra = ReadBack;
+
+    fn prepare(_: &Pool<Self>, table: &TableName) -> (Statements, ReadBack) {
         let t = table.quoted();
-        // Arc-backed, so that cloning a statement per call does not copy it.
-        let sql = |s: String| AssertSqlSafe(Arc::<str>::from(s)).into_sql_str();
-        Self {
-            // ?1 key, ?2 scope, ?3 fingerprint, ?4 operation id, ?5 token, ?6 lease deadline,
-            // ?7 expiry, ?8 now. One statement decides: insert, replace an expired record, take
+        let sql = statement;
+        let statements = Statements {
+            // ?1 key, ?2 scope, ?3 fingerprint, ?4 operation id, ?5 token, ?6 lease and
+            // ?7 retention in ms. One statement decides: insert, replace an expired record, take
             // over an expired lease with the same fingerprint, or write nothing. The SET
             // expressions read the old row, so a takeover keeps its operation id.
             claim: sql(format!(
                 "INSERT INTO {t} (key, scope, fingerprint, operation_id, token, state, \
                    lease_until, expires_at, status, headers, body, body_omitted) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, '{IN_PROGRESS}', ?6, ?7, NULL, NULL, NULL, 0) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, '{IN_PROGRESS}', {NOW} + ?6, {NOW} + ?7, \
+                   NULL, NULL, NULL, 0) \
                  ON CONFLICT (key) DO UPDATE SET \
-                   operation_id = CASE WHEN expires_at <= ?8 \
+                   operation_id = CASE WHEN expires_at <= {NOW} \
                      THEN excluded.operation_id ELSE operation_id END, \
                    scope = excluded.scope, fingerprint = excluded.fingerprint, \
                    token = excluded.token, state = '{IN_PROGRESS}', \
                    lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
                    status = NULL, headers = NULL, body = NULL, body_omitted = 0 \
-                 WHERE expires_at <= ?8 OR (state = '{IN_PROGRESS}' AND lease_until <= ?8 \
-                   AND fingerprint = excluded.fingerprint) \
+                 WHERE expires_at <= {NOW} OR (state = '{IN_PROGRESS}' \
+                   AND lease_until <= {NOW} AND fingerprint = excluded.fingerprint) \
                  RETURNING operation_id, token"
-            )),
-            existing: sql(format!(
-                "SELECT fingerprint, operation_id, state, status, headers, body, body_omitted \
-                 FROM {t} WHERE key = ?1 AND expires_at > ?2"
             )),
             complete: sql(format!(
                 "UPDATE {t} SET state = '{COMPLETED}', lease_until = NULL, status = ?3, \
-                   headers = ?4, body = ?5, body_omitted = ?6, expires_at = ?7 \
-                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > ?8"
+                   headers = ?4, body = ?5, body_omitted = ?6, expires_at = {NOW} + ?7 \
+                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' \
+                   AND expires_at > {NOW}"
             )),
             release: sql(format!(
                 "DELETE FROM {t} \
-                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > ?3"
+                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' \
+                   AND expires_at > {NOW}"
             )),
             renew: sql(format!(
-                "UPDATE {t} SET lease_until = ?3, expires_at = MAX(expires_at, ?3) \
-                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' AND expires_at > ?4"
+                "UPDATE {t} SET lease_until = {NOW} + ?3, \
+                   expires_at = MAX(expires_at, {NOW} + ?3) \
+                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' \
+                   AND expires_at > {NOW}"
             )),
             operation: sql(format!(
                 "SELECT state, status, headers, body, body_omitted FROM {t} \
-                 WHERE operation_id = ?1 AND scope = ?2 AND expires_at > ?3"
+                 WHERE operation_id = ?1 AND scope = ?2 AND expires_at > {NOW}"
             )),
             // The outer `expires_at` test is redundant under SQLite's single writer; it keeps the
             // statement correct on its own, as in the PostgreSQL ledger.
             purge: sql(format!(
                 "DELETE FROM {t} WHERE key IN \
-                   (SELECT key FROM {t} WHERE expires_at <= ?1 LIMIT ?2) \
-                 AND expires_at <= ?1"
+                   (SELECT key FROM {t} WHERE expires_at <= {NOW} LIMIT ?1) \
+                 AND expires_at <= {NOW}"
             )),
             held: sql(format!(
                 "SELECT token FROM {t} WHERE key = ?1 AND state = '{IN_PROGRESS}' \
-                 AND expires_at > ?2 AND lease_until > ?2"
+                 AND expires_at > {NOW} AND lease_until > {NOW}"
             )),
-        }
+        };
+        let existing = sql(format!(
+            "SELECT fingerprint, operation_id, state, status, headers, body, body_omitted \
+             FROM {t} WHERE key = ?1 AND expires_at > {NOW}"
+        ));
+        (statements, ReadBack { existing })
     }
-}
 
-/// Milliseconds since the Unix epoch by this process's clock.
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, row::millis)
-}
+    fn rows_affected(done: &SqliteQueryResult) -> u64 {
+        done.rows_affected()
+    }
 
-fn uuid_column(row: &SqliteRow, column: &str) -> Result<Uuid, LedgerError> {
-    row.try_get(column).map_err(row::error)
+    fn debug_extra(_: &ReadBack, _: &mut fmt::DebugStruct<'_, '_>) {}
+
+    async fn before_migrations(_: &mut Self::Connection, _: &TableName) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+
+    async fn claimed(
+        ledger: &SqliteLedger,
+        request: &ClaimRequest,
+        won: Option<SqliteRow>,
+    ) -> Result<Option<Claim>, LedgerError> {
+        if let Some(won) = won {
+            return Ok(Some(acquired(request, row::uuid(&won, "operation_id")?)));
+        }
+        // The record was live a moment ago; read it to report it. If it went away in between
+        // (released, purged), claim again.
+        sqlx::query(ledger.extra.existing.clone())
+            .bind(&request.key.as_bytes()[..])
+            .fetch_optional(&ledger.pool)
+            .await
+            .map_err(row::error)?
+            .map(|found| Ok(Claim::Existing(row::existing(&found)?)))
+            .transpose()
+    }
+
+    async fn wait_for_change(ledger: &SqliteLedger, key: &LedgerKey, timeout: Duration) {
+        ledger.poll(key, Instant::now() + timeout).await;
+    }
 }
 
 impl SqliteLedger {
-    /// A ledger on `pool`, in the table `idempotency_records`. Call [`migrate`](Self::migrate)
-    /// once to create it. See the type's docs for how to set up the pool.
-    pub fn new(pool: SqlitePool) -> Self {
-        let table = TableName::default_name();
-        Self {
-            pool,
-            sql: Arc::new(Statements::new(&table)),
-            table,
-        }
-    }
-
     /// Connects to `url` (such as `sqlite://idempotency.db?mode=rwc` or `sqlite::memory:`) with
     /// the settings the ledger wants: WAL journal, 5 s busy timeout, the file created if
     /// missing, and for an in-memory database one connection kept open for the pool's life.
@@ -192,315 +215,5 @@ impl SqliteLedger {
         .connect_with(options)
         .await?;
         Ok(Self::new(pool))
-    }
-
-    /// Uses the table `name` instead of `idempotency_records`. The name must match
-    /// `[a-z_][a-z0-9_]{0,62}`.
-    ///
-    /// ```
-    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// # let pool = tower_idempotency_sqlx::sqlx::SqlitePool::connect_lazy("sqlite::memory:")?;
-    /// use tower_idempotency_sqlx::SqliteLedger;
-    ///
-    /// let ledger = SqliteLedger::new(pool).with_table("payments_idempotency")?;
-    /// assert_eq!(ledger.table(), "payments_idempotency");
-    /// assert!(ledger.clone().with_table("Robert'); DROP TABLE").is_err());
-    /// # Ok(()) }
-    /// ```
-    pub fn with_table(self, name: &str) -> Result<Self, ConfigError> {
-        let table = TableName::parse(name, false)?;
-        Ok(Self {
-            pool: self.pool,
-            sql: Arc::new(Statements::new(&table)),
-            table,
-        })
-    }
-
-    /// The table's name.
-    pub fn table(&self) -> String {
-        self.table.display()
-    }
-
-    /// The pool.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// Creates the table and its indexes if they do not exist, running the migrations shipped in
-    /// `migrations/sqlite/` in one transaction. Safe to run at every start.
-    pub async fn migrate(&self) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        for (_, sql) in MIGRATIONS {
-            sqlx::raw_sql(AssertSqlSafe(render_migration(sql, &self.table)))
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await
-    }
-
-    /// The migrations as run for this ledger's table: `(name, SQL)` in order, for applying them
-    /// with your own migration tool.
-    pub fn migrations(&self) -> Vec<(&'static str, String)> {
-        MIGRATIONS
-            .iter()
-            .map(|(name, sql)| (*name, render_migration(sql, &self.table)))
-            .collect()
-    }
-
-    async fn existing(&self, key: &LedgerKey, now: i64) -> Result<Option<Existing>, LedgerError> {
-        let Some(found) = sqlx::query(self.sql.existing.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(row::error)?
-        else {
-            return Ok(None);
-        };
-        let fingerprint: Vec<u8> = found.try_get("fingerprint").map_err(row::error)?;
-        Ok(Some(Existing {
-            fingerprint: row::fingerprint(&fingerprint)?,
-            operation_id: uuid_column(&found, "operation_id")?,
-            state: columns(&found)?.into_state()?,
-        }))
-    }
-
-    /// The token of the live lease on `key`, if it is in progress.
-    async fn held(&self, key: &LedgerKey) -> Result<Option<Uuid>, LedgerError> {
-        sqlx::query(self.sql.held.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(now_ms())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(row::error)?
-            .map(|r| uuid_column(&r, "token"))
-            .transpose()
-    }
-}
-
-fn columns(row: &SqliteRow) -> Result<StoredColumns, LedgerError> {
-    Ok(StoredColumns {
-        state: row.try_get("state").map_err(row::error)?,
-        status: row.try_get("status").map_err(row::error)?,
-        headers: row.try_get("headers").map_err(row::error)?,
-        body: row.try_get("body").map_err(row::error)?,
-        body_omitted: row.try_get("body_omitted").map_err(row::error)?,
-    })
-}
-
-impl fmt::Debug for SqliteLedger {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteLedger")
-            .field("table", &self.table.display())
-            .field("pool", &self.pool)
-            .finish()
-    }
-}
-
-impl Ledger for SqliteLedger {
-    fn name(&self) -> &'static str {
-        "sqlite"
-    }
-
-    async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
-        for _ in 0..CLAIM_ATTEMPTS {
-            let now = now_ms();
-            let won = sqlx::query(self.sql.claim.clone())
-                .bind(&request.key.as_bytes()[..])
-                .bind(&request.scope.as_bytes()[..])
-                .bind(&request.fingerprint.as_bytes()[..])
-                .bind(request.operation_id)
-                .bind(request.token.as_uuid())
-                .bind(now.saturating_add(row::millis(request.lease)))
-                .bind(now.saturating_add(row::millis(request.retention)))
-                .bind(now)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(row::error)?;
-            if let Some(won) = won {
-                let operation_id = uuid_column(&won, "operation_id")?;
-                return Ok(Claim::Acquired(Lease {
-                    token: request.token,
-                    operation_id,
-                    // A takeover keeps the record's operation id; a fresh record takes ours.
-                    taken_over: operation_id != request.operation_id,
-                }));
-            }
-            // The record was live a moment ago; read it to report it. If it went away in
-            // between (released, purged), claim again.
-            if let Some(existing) = self.existing(&request.key, now_ms()).await? {
-                return Ok(Claim::Existing(existing));
-            }
-        }
-        Err(LedgerError::backend(
-            "the record kept changing between claiming and reading it",
-        ))
-    }
-
-    async fn complete(
-        &self,
-        key: &LedgerKey,
-        token: FencingToken,
-        response: &StoredResponse,
-        retention: Duration,
-    ) -> Result<(), LedgerError> {
-        self.complete_on(&self.pool, key, token, response, retention)
-            .await
-    }
-
-    async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(token.as_uuid())
-            .bind(now_ms())
-            .execute(&self.pool)
-            .await
-            .map_err(row::error)?;
-        row::fenced(done.rows_affected())
-    }
-
-    async fn renew(
-        &self,
-        key: &LedgerKey,
-        token: FencingToken,
-        lease: Duration,
-    ) -> Result<(), LedgerError> {
-        let now = now_ms();
-        let done = sqlx::query(self.sql.renew.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(token.as_uuid())
-            .bind(now.saturating_add(row::millis(lease)))
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(row::error)?;
-        row::fenced(done.rows_affected())
-    }
-
-    async fn operation(
-        &self,
-        scope: &ScopeDigest,
-        id: OperationId,
-    ) -> Result<Option<RecordState>, LedgerError> {
-        sqlx::query(self.sql.operation.clone())
-            .bind(id)
-            .bind(&scope.as_bytes()[..])
-            .bind(now_ms())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(row::error)?
-            .map(|r| columns(&r)?.into_state())
-            .transpose()
-    }
-
-    async fn purge_expired(&self, batch: usize) -> Result<u64, LedgerError> {
-        let batch = batch.max(1);
-        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
-        let mut purged = 0;
-        loop {
-            let done = sqlx::query(self.sql.purge.clone())
-                .bind(now_ms())
-                .bind(limit)
-                .execute(&self.pool)
-                .await
-                .map_err(row::error)?;
-            purged += done.rows_affected();
-            if done.rows_affected() < batch as u64 {
-                return Ok(purged);
-            }
-        }
-    }
-
-    /// Polls the record, 5 ms after the call and then at doubling intervals up to 100 ms, until
-    /// it is no longer in progress under the lease first seen, or `timeout` passes. (SQLite has no
-    /// change notification across processes.)
-    async fn wait_for_change(&self, key: &LedgerKey, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let Ok(Some(first)) = self.held(key).await else {
-            return;
-        };
-        let mut pause = Duration::from_millis(5);
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return;
-            }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(100));
-            match self.held(key).await {
-                Ok(Some(token)) if token == first => {}
-                _ => return,
-            }
-        }
-    }
-}
-
-impl SqliteLedger {
-    /// The fenced completion, on the pool or inside a transaction.
-    async fn complete_on<'e, E>(
-        &self,
-        executor: E,
-        key: &LedgerKey,
-        token: FencingToken,
-        response: &StoredResponse,
-        retention: Duration,
-    ) -> Result<(), LedgerError>
-    where
-        E: Executor<'e, Database = sqlx::Sqlite>,
-    {
-        let now = now_ms();
-        let done = sqlx::query(self.sql.complete.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(token.as_uuid())
-            .bind(i64::from(response.status.as_u16()))
-            .bind(StoredResponse::encode_headers(&response.headers))
-            .bind(&response.body[..])
-            .bind(response.body_omitted)
-            .bind(now.saturating_add(row::millis(retention)))
-            .bind(now)
-            .execute(executor)
-            .await
-            .map_err(row::error)?;
-        row::fenced(done.rows_affected())
-    }
-}
-
-/// Exactly-once mode: the completion is written in the handler's transaction and committed
-/// with it.
-///
-/// The transaction is SQLite's default (deferred): it takes the write lock at the handler's first
-/// write and holds it until the commit, so write late in the handler. A handler that reads, then
-/// writes after another connection committed, may get `SQLITE_BUSY`; the layer then answers 503
-/// and releases the key, and the retry runs again.
-impl TransactionalLedger for SqliteLedger {
-    type Transaction = sqlx::Transaction<'static, sqlx::Sqlite>;
-
-    async fn begin(&self) -> Result<Self::Transaction, LedgerError> {
-        self.pool.begin().await.map_err(row::error)
-    }
-
-    async fn complete_in(
-        &self,
-        mut transaction: Self::Transaction,
-        key: &LedgerKey,
-        token: FencingToken,
-        response: &StoredResponse,
-        retention: Duration,
-    ) -> Result<(), LedgerError> {
-        match self
-            .complete_on(&mut *transaction, key, token, response, retention)
-            .await
-        {
-            Ok(()) => transaction.commit().await.map_err(row::error),
-            Err(error) => {
-                // Fenced off (or failed): the handler's writes must not outlive it.
-                let _ = transaction.rollback().await;
-                Err(error)
-            }
-        }
-    }
-
-    async fn rollback(&self, transaction: Self::Transaction) -> Result<(), LedgerError> {
-        transaction.rollback().await.map_err(row::error)
     }
 }

@@ -1,16 +1,17 @@
 //! Table names: validation, quoting, and the names derived from them.
 
-/// Why a ledger setting was refused.
+/// Why `with_table` refused a table name. (Named apart from `tower_idempotency::ConfigError`,
+/// the layer's, so that both can be imported side by side.)
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum TableNameError {
     /// The table name is not `[a-z_][a-z0-9_]{0,62}` (for PostgreSQL, optionally
     /// `schema.table` with each part so).
     #[error(
         "invalid table name {name:?}: expected [a-z_][a-z0-9_]{{0,62}}{}",
         if *.schema_allowed { ", optionally schema-qualified" } else { "" }
     )]
-    InvalidTableName {
+    Invalid {
         /// The name that was refused.
         name: String,
         /// Whether a `schema.table` name would have been accepted.
@@ -21,9 +22,12 @@ pub enum ConfigError {
 /// The table name used by `new`: `idempotency_records`.
 pub const DEFAULT_TABLE: &str = "idempotency_records";
 
-/// A validated table name, optionally schema-qualified.
+/// A validated table name, optionally schema-qualified. (`pub` only because [`Backend`]'s
+/// methods take it; neither is nameable outside the crate.)
+///
+/// [`Backend`]: crate::backend::Backend
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct TableName {
+pub struct TableName {
     schema: Option<String>,
     name: String,
 }
@@ -38,8 +42,8 @@ fn is_identifier(part: &str) -> bool {
 }
 
 impl TableName {
-    pub(crate) fn parse(name: &str, schema_allowed: bool) -> Result<Self, ConfigError> {
-        let invalid = || ConfigError::InvalidTableName {
+    pub(crate) fn parse(name: &str, schema_allowed: bool) -> Result<Self, TableNameError> {
+        let invalid = || TableNameError::Invalid {
             name: name.to_owned(),
             schema_allowed,
         };
@@ -82,11 +86,25 @@ impl TableName {
     }
 
     /// A name derived from the table's own (unqualified) name, at most 63 bytes (PostgreSQL's
-    /// limit, past which it would silently truncate and make two derived names collide).
+    /// limit, past which it would silently truncate). A name that fits is `{table}{suffix}`; a
+    /// longer one keeps a prefix of the table name and adds a hash of all of it, so that two
+    /// tables whose names share a long prefix do not derive the same name (issue 14: the second
+    /// table's `CREATE INDEX IF NOT EXISTS` then found the first table's index and made none).
     pub(crate) fn derived(&self, suffix: &str) -> String {
-        let keep = self.name.len().min(63 - suffix.len());
-        format!("{}{suffix}", &self.name[..keep])
+        if self.name.len() + suffix.len() <= 63 {
+            return format!("{}{suffix}", self.name);
+        }
+        let hash = format!("_{:016x}", fnv1a(self.name.as_bytes()));
+        let keep = 63 - hash.len() - suffix.len();
+        format!("{}{hash}{suffix}", &self.name[..keep])
     }
+}
+
+/// 64-bit FNV-1a: tiny, and fixed forever (unlike `std`'s hasher), as derived names must be.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// Fills the `{{table}}`, `{{operation_index}}` and `{{expires_index}}` placeholders of a shipped
@@ -144,5 +162,23 @@ mod tests {
         let exp = long.derived("_expires_at");
         assert!(op.len() <= 63 && exp.len() <= 63);
         assert_ne!(op, exp);
+    }
+
+    #[test]
+    fn long_names_with_a_common_prefix_derive_different_names() {
+        let base = "t".repeat(58);
+        let a = TableName::parse(&format!("{base}_a"), false).expect("valid");
+        let b = TableName::parse(&format!("{base}_b"), false).expect("valid");
+        for suffix in ["_operation_id", "_expires_at"] {
+            let (da, db) = (a.derived(suffix), b.derived(suffix));
+            assert!(da.len() <= 63 && db.len() <= 63, "{da} {db}");
+            assert!(da.ends_with(suffix));
+            assert_ne!(da, db);
+        }
+        // Names that fit keep the plain form, so existing indexes keep their names.
+        assert_eq!(
+            TableName::default_name().derived("_expires_at"),
+            "idempotency_records_expires_at"
+        );
     }
 }

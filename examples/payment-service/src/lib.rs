@@ -76,7 +76,7 @@ pub enum StartError {
     Database(#[from] tower_idempotency_sqlx::sqlx::Error),
     /// A bad ledger table name.
     #[error("ledger table: {0}")]
-    Table(#[from] tower_idempotency_sqlx::ConfigError),
+    Table(#[from] tower_idempotency_sqlx::TableNameError),
     /// A setting the idempotency layer refuses.
     #[error("idempotency layer: {0}")]
     Layer(#[from] tower_idempotency::ConfigError),

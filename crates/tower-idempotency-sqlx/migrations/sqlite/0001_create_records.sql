@@ -3,7 +3,7 @@
 -- `SqliteLedger::migrate` runs this with {{table}}, {{operation_index}} and {{expires_index}}
 -- filled in (defaults: "idempotency_records", "idempotency_records_operation_id",
 -- "idempotency_records_expires_at"), in one transaction. Every statement is idempotent.
--- Times are milliseconds since the Unix epoch by the application's clock; UUIDs are 16 bytes.
+-- Times are milliseconds since the Unix epoch (`unixepoch('subsec')` in each statement); UUIDs are 16 bytes.
 CREATE TABLE IF NOT EXISTS {{table}} (
     key          BLOB    NOT NULL PRIMARY KEY,  -- SHA-256 of (scope, idempotency key)
     scope        BLOB    NOT NULL,              -- SHA-256 of the caller's scope

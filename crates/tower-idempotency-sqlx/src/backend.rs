@@ -1,0 +1,95 @@
+//! What differs between the databases, as the one trait the shared ledger runs over (the way
+//! sqlx's migrator runs one algorithm over its per-driver `Migrate` trait).
+
+use std::{fmt, time::Duration};
+
+use sqlx::{Database, Pool, SqlStr};
+use tower_idempotency_core::{Claim, ClaimRequest, LedgerError, LedgerKey};
+
+use crate::{SqlLedger, table::TableName};
+
+/// A database the ledger runs on: `sqlx::Sqlite` and `sqlx::Postgres`. It supplies the SQL, the
+/// claim and the wait; everything else is [`SqlLedger`]'s, written once.
+///
+/// Not implementable outside this crate.
+pub trait Backend: Database {
+    /// [`Ledger::name`](tower_idempotency_core::Ledger::name): `"sqlite"`, `"postgres"`.
+    const KIND: &'static str;
+    /// The ledger's type, for `Debug`: `"SqliteLedger"`, `"PostgresLedger"`.
+    const LEDGER: &'static str;
+    /// Whether a table name may be `schema.table`.
+    const SCHEMAS: bool;
+    /// The shipped migrations, `(name, SQL)` in order.
+    const MIGRATIONS: &'static [(&'static str, &'static str)];
+
+    /// What the backend keeps beside the shared statements (shared by a ledger's clones).
+    type Extra: Send + Sync + 'static;
+
+    /// The table's statements, and the backend's own state.
+    fn prepare(pool: &Pool<Self>, table: &TableName) -> (Statements, Self::Extra);
+
+    /// How many rows a statement wrote (sqlx has no generic accessor).
+    fn rows_affected(done: &Self::QueryResult) -> u64;
+
+    /// Adds the backend's own fields to the ledger's `Debug`.
+    fn debug_extra(extra: &Self::Extra, f: &mut fmt::DebugStruct<'_, '_>);
+
+    /// Runs first in the migration transaction (PostgreSQL: an advisory lock, so that app
+    /// instances starting together do not race).
+    fn before_migrations(
+        connection: &mut Self::Connection,
+        table: &TableName,
+    ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// The outcome of one run of the `claim` statement, from the row it returned: `None` if it
+    /// must run again (the record changed under it).
+    fn claimed(
+        ledger: &SqlLedger<Self>,
+        request: &ClaimRequest,
+        found: Option<Self::Row>,
+    ) -> impl Future<Output = Result<Option<Claim>, LedgerError>> + Send;
+
+    /// [`Ledger::wait_for_change`](tower_idempotency_core::Ledger::wait_for_change).
+    fn wait_for_change(
+        ledger: &SqlLedger<Self>,
+        key: &LedgerKey,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// The statements every backend has, prepared for one table. The parameters are the same in both
+/// databases, and so is the binding code ([`SqlLedger`]'s):
+///
+/// - `claim`: `1` key, `2` scope, `3` fingerprint, `4` operation id, `5` token, `6` lease and `7`
+///   retention in milliseconds; returns `operation_id` (and on PostgreSQL `won` and the record
+///   it lost to).
+/// - `complete`: `1` key, `2` token, `3` status, `4` headers, `5` body, `6` body omitted, `7`
+///   retention in milliseconds.
+/// - `release`: `1` key, `2` token. `renew`: `1` key, `2` token, `3` lease in milliseconds.
+/// - `operation`: `1` operation id, `2` scope. `purge`: `1` batch size. `held`: `1` key.
+///
+/// Exposed (hidden) for the benchmark's raw-SQL ceiling, so that it runs exactly these.
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct Statements {
+    /// Insert, replace an expired record, take over an expired lease, or write nothing.
+    pub claim: SqlStr,
+    /// The fenced completion.
+    pub complete: SqlStr,
+    /// The fenced release.
+    pub release: SqlStr,
+    /// The fenced lease renewal.
+    pub renew: SqlStr,
+    /// A live record by operation id and scope.
+    pub operation: SqlStr,
+    /// Deletes up to a batch of expired records.
+    pub purge: SqlStr,
+    /// The token of the live lease on a key.
+    pub held: SqlStr,
+}
+
+/// A statement that is cheap to clone per call (`Arc`-backed).
+pub(crate) fn statement(sql: String) -> SqlStr {
+    use sqlx::SqlSafeStr;
+    sqlx::AssertSqlSafe(std::sync::Arc::<str>::from(sql)).into_sql_str()
+}

@@ -1,0 +1,323 @@
+//! [`SqlLedger`]: the ledger algorithm, written once for every [`Backend`].
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use sqlx::{
+    ColumnIndex, Decode, Encode, Executor, IntoArguments, Pool, SqlStr, Type, query::Query,
+};
+use tokio::time::Instant;
+use tower_idempotency_core::{
+    Claim, ClaimRequest, FencingToken, Lease, Ledger, LedgerError, LedgerKey, OperationId,
+    RecordState, ScopeDigest, StoredResponse,
+};
+use uuid::Uuid;
+
+use crate::{
+    TableNameError,
+    backend::{Backend, Statements},
+    row,
+    table::TableName,
+};
+
+/// How often a claim runs again when the record it lost to changed before it could be reported.
+const CLAIM_ATTEMPTS: usize = 8;
+
+/// A ledger in a SQL table: [`SqliteLedger`](crate::SqliteLedger) or
+/// [`PostgresLedger`](crate::PostgresLedger), whose docs describe each. Cloning is cheap and
+/// shares the pool.
+pub struct SqlLedger<DB: Backend> {
+    pub(crate) pool: Pool<DB>,
+    pub(crate) table: TableName,
+    pub(crate) sql: Arc<Statements>,
+    pub(crate) extra: Arc<DB::Extra>,
+}
+
+impl<DB: Backend> Clone for SqlLedger<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            table: self.table.clone(),
+            sql: self.sql.clone(),
+            extra: self.extra.clone(),
+        }
+    }
+}
+
+impl<DB: Backend> fmt::Debug for SqlLedger<DB> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut debug = f.debug_struct(DB::LEDGER);
+        debug.field("table", &self.table.display());
+        DB::debug_extra(&self.extra, &mut debug);
+        debug.field("pool", &self.pool).finish()
+    }
+}
+
+impl<DB: Backend> SqlLedger<DB> {
+    /// A ledger on `pool`, in the table `idempotency_records`. Call [`migrate`](Self::migrate)
+    /// once to create it. (See the ledger's docs for how to set up the pool.)
+    pub fn new(pool: Pool<DB>) -> Self {
+        Self::with(pool, TableName::default_name())
+    }
+
+    fn with(pool: Pool<DB>, table: TableName) -> Self {
+        let (sql, extra) = DB::prepare(&pool, &table);
+        Self {
+            pool,
+            table,
+            sql: Arc::new(sql),
+            extra: Arc::new(extra),
+        }
+    }
+
+    /// Uses the table `name` instead of `idempotency_records`. The name must match
+    /// `[a-z_][a-z0-9_]{0,62}`; PostgreSQL also takes `schema.table` with each part so (the
+    /// schema must exist).
+    ///
+    /// ```
+    /// # #[cfg(feature = "sqlite")]
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = tower_idempotency_sqlx::sqlx::SqlitePool::connect_lazy("sqlite::memory:")?;
+    /// use tower_idempotency_sqlx::SqliteLedger;
+    ///
+    /// let ledger = SqliteLedger::new(pool).with_table("payments_idempotency")?;
+    /// assert_eq!(ledger.table(), "payments_idempotency");
+    /// assert!(ledger.clone().with_table("Robert'); DROP TABLE").is_err());
+    /// assert!(ledger.clone().with_table("billing.records").is_err()); // PostgreSQL only
+    /// # Ok(()) }
+    /// ```
+    pub fn with_table(self, name: &str) -> Result<Self, TableNameError> {
+        Ok(Self::with(self.pool, TableName::parse(name, DB::SCHEMAS)?))
+    }
+
+    /// The table's name, as given.
+    pub fn table(&self) -> String {
+        self.table.display()
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool<DB> {
+        &self.pool
+    }
+
+    /// The ledger's statements, for the benchmark's raw-SQL ceiling.
+    #[doc(hidden)]
+    pub fn statements(&self) -> &Statements {
+        &self.sql
+    }
+}
+
+/// A successful claim of `request`; `operation_id` is the record's.
+pub(crate) fn acquired(request: &ClaimRequest, operation_id: Uuid) -> Claim {
+    Claim::Acquired(Lease {
+        token: request.token,
+        operation_id,
+        // A takeover keeps the record's operation id; a fresh record takes ours.
+        taken_over: operation_id != request.operation_id,
+    })
+}
+
+// What the shared code asks of a database's sqlx driver: both drivers have it all.
+impl<DB> SqlLedger<DB>
+where
+    DB: Backend,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'a> &'a [u8]: Encode<'a, DB> + Type<DB>,
+    for<'a> Vec<u8>: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> Uuid: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Type<DB>,
+    for<'a> i16: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> bool: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> String: Decode<'a, DB> + Type<DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row>,
+{
+    /// The claim statement with the request bound, as every backend binds it.
+    fn claim_query(&self, request: &ClaimRequest) -> Query<'static, DB, DB::Arguments> {
+        sqlx::query(self.sql.claim.clone())
+            .bind(&request.key.as_bytes()[..])
+            .bind(&request.scope.as_bytes()[..])
+            .bind(&request.fingerprint.as_bytes()[..])
+            .bind(request.operation_id)
+            .bind(request.token.as_uuid())
+            .bind(row::millis(request.lease))
+            .bind(row::millis(request.retention))
+    }
+
+    /// The token that `sql` (`held`, or a statement like it) returns for `key`.
+    pub(crate) async fn token_from(
+        &self,
+        sql: SqlStr,
+        key: &LedgerKey,
+    ) -> Result<Option<Uuid>, LedgerError> {
+        sqlx::query(sql)
+            .bind(&key.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(row::error)?
+            .map(|found| row::uuid(&found, "token"))
+            .transpose()
+    }
+
+    /// The token of the live lease on `key`, if it is in progress.
+    pub(crate) async fn held(&self, key: &LedgerKey) -> Result<Option<Uuid>, LedgerError> {
+        self.token_from(self.sql.held.clone(), key).await
+    }
+
+    /// Polls the record, 5 ms after the call and then at doubling intervals up to 100 ms, until
+    /// it is no longer in progress under the lease first seen, or `deadline`.
+    pub(crate) async fn poll(&self, key: &LedgerKey, deadline: Instant) {
+        let Ok(Some(first)) = self.held(key).await else {
+            return;
+        };
+        let mut pause = Duration::from_millis(5);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(100));
+            match self.held(key).await {
+                Ok(Some(token)) if token == first => {}
+                _ => return,
+            }
+        }
+    }
+
+    /// The fenced completion, on the pool or inside a transaction.
+    pub(crate) async fn complete_on<'e, E>(
+        &self,
+        executor: E,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<(), LedgerError>
+    where
+        E: Executor<'e, Database = DB>,
+    {
+        // Status codes are 100..=999, so they fit a smallint.
+        let status = response.status.as_u16() as i16;
+        let done = sqlx::query(self.sql.complete.clone())
+            .bind(&key.as_bytes()[..])
+            .bind(token.as_uuid())
+            .bind(status)
+            .bind(StoredResponse::encode_headers(&response.headers))
+            .bind(&response.body[..])
+            .bind(response.body_omitted)
+            .bind(row::millis(retention))
+            .execute(executor)
+            .await
+            .map_err(row::error)?;
+        row::fenced(DB::rows_affected(&done))
+    }
+}
+
+impl<DB> Ledger for SqlLedger<DB>
+where
+    DB: Backend,
+    DB::Arguments: IntoArguments<DB>,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'a> &'a [u8]: Encode<'a, DB> + Type<DB>,
+    for<'a> Vec<u8>: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> Uuid: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Type<DB>,
+    for<'a> i16: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> bool: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
+    for<'a> String: Decode<'a, DB> + Type<DB>,
+    for<'a> &'a str: ColumnIndex<DB::Row>,
+{
+    fn name(&self) -> &'static str {
+        DB::KIND
+    }
+
+    async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
+        for _ in 0..CLAIM_ATTEMPTS {
+            let found = self
+                .claim_query(request)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(row::error)?;
+            if let Some(claim) = DB::claimed(self, request, found).await? {
+                return Ok(claim);
+            }
+        }
+        Err(LedgerError::backend(
+            "the record kept changing while it was claimed",
+        ))
+    }
+
+    async fn complete(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Result<(), LedgerError> {
+        self.complete_on(&self.pool, key, token, response, retention)
+            .await
+    }
+
+    async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
+        let done = sqlx::query(self.sql.release.clone())
+            .bind(&key.as_bytes()[..])
+            .bind(token.as_uuid())
+            .execute(&self.pool)
+            .await
+            .map_err(row::error)?;
+        row::fenced(DB::rows_affected(&done))
+    }
+
+    async fn renew(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<(), LedgerError> {
+        let done = sqlx::query(self.sql.renew.clone())
+            .bind(&key.as_bytes()[..])
+            .bind(token.as_uuid())
+            .bind(row::millis(lease))
+            .execute(&self.pool)
+            .await
+            .map_err(row::error)?;
+        row::fenced(DB::rows_affected(&done))
+    }
+
+    async fn operation(
+        &self,
+        scope: &ScopeDigest,
+        id: OperationId,
+    ) -> Result<Option<RecordState>, LedgerError> {
+        sqlx::query(self.sql.operation.clone())
+            .bind(id)
+            .bind(&scope.as_bytes()[..])
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(row::error)?
+            .map(|found| row::columns(&found)?.into_state())
+            .transpose()
+    }
+
+    async fn purge_expired(&self, batch: usize) -> Result<u64, LedgerError> {
+        let batch = batch.max(1);
+        let limit = i64::try_from(batch).unwrap_or(i64::MAX);
+        let mut purged = 0;
+        loop {
+            let done = sqlx::query(self.sql.purge.clone())
+                .bind(limit)
+                .execute(&self.pool)
+                .await
+                .map_err(row::error)?;
+            let deleted = DB::rows_affected(&done);
+            purged += deleted;
+            if deleted < batch as u64 {
+                return Ok(purged);
+            }
+        }
+    }
+
+    async fn wait_for_change(&self, key: &LedgerKey, timeout: Duration) {
+        DB::wait_for_change(self, key, timeout).await
+    }
+}
