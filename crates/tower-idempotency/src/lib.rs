@@ -42,13 +42,39 @@
 //! 3. The winner runs the handler (if the client disconnects, the rest moves into a task of its
 //!    own rather than stopping),
 //!    renewing its lease every third of the lease; its response is stored with the token (a
-//!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic
-//!    or a failed body, the key is released so that a retry runs again.
+//!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic,
+//!    a failed body or a response marked [`DoNotStore`], the key is released so that a retry
+//!    runs again.
 //! 4. Everyone else gets the replay, 409/202/a wait, or 422, as above.
+//!
+//! # Downstream keys, and answers that are not stored
+//! A handler that calls another idempotent service (a card processor) passes it a key derived
+//! from its [`Operation`]: the same on every run of this request, even after a 5xx released the
+//! key, so the downstream service charges once however often the handler re-runs.
+//! A validation failure, given before any side effect, is marked [`DoNotStore`] (or sent with
+//! `Cache-Control: no-store`): the key is released, and the fixed request may reuse it.
+//!
+//! ```
+//! use axum::{Router, http::StatusCode, routing::post};
+//! use tower_idempotency::{DoNotStore, IdempotencyLayer, MemoryLedger, Operation};
+//!
+//! async fn pay(op: Operation, body: String) -> Result<StatusCode, (DoNotStore, StatusCode)> {
+//!     if body.is_empty() {
+//!         return Err((DoNotStore, StatusCode::BAD_REQUEST)); // not stored: fix and retry
+//!     }
+//!     let charge_key = op.derive("charge"); // the processor's Idempotency-Key, every run
+//!     # let _ = charge_key;
+//!     Ok(StatusCode::CREATED)
+//! }
+//! let app: Router = Router::new()
+//!     .route("/payments", post(pay))
+//!     .layer(IdempotencyLayer::new(MemoryLedger::new()));
+//! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
 mod config;
+mod downstream;
 mod future;
 mod layer;
 mod operations;
@@ -56,6 +82,7 @@ mod outcome;
 pub mod problem;
 mod response;
 mod service;
+mod store_decision;
 pub mod telemetry;
 mod transaction;
 
@@ -63,11 +90,13 @@ pub use body::ResponseBody;
 pub use config::{
     ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey, default_store,
 };
+pub use downstream::{MissingOperation, Operation};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;
 pub use response::{REPLAY_BODY, REPLAYED};
 pub use service::Idempotency;
+pub use store_decision::DoNotStore;
 pub use tower_idempotency_core::{
     self as core, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
     TransactionalLedger, purge_periodically,

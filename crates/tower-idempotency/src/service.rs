@@ -329,6 +329,9 @@ where
             telemetry.takeover();
         }
         let token = lease.token;
+        let mut parts = parts;
+        crate::downstream::Operation::new(ledger_key, lease.operation_id)
+            .expose(&mut parts.extensions);
         // The rest in a box of its own (1.5 KB): a replay, a conflict or a rejection never
         // allocates the handler's part of the state.
         Box::pin(run(shared, inner, parts, body, ledger_key, token)).await
@@ -417,7 +420,7 @@ where
                 return Ok(answer(&shared, Outcome::Executed, handler_failed(&shared)));
             }
         };
-        if !config.should_store(parts.status) {
+        if !crate::store_decision::should_store(config, &parts) {
             Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;
             let response = Response::from_parts(parts, body);
             return Ok(answer(&shared, Outcome::Executed, response));
@@ -523,7 +526,19 @@ where
 fn unavailable(retry_after: u64) -> Rejection {
     Rejection::new(
         RejectionKind::LedgerUnavailable,
-        "the idempotency ledger is unavailable; the request was not processed",
+        "the idempotency ledger is unavailable; the handler did not run",
+    )
+    .retry_after(retry_after)
+}
+
+/// The handler ran but its result could not be recorded: its transaction was rolled back, but
+/// what it did outside the transaction stays done.
+fn commit_failed(retry_after: u64) -> Rejection {
+    Rejection::new(
+        RejectionKind::LedgerUnavailable,
+        "the idempotency ledger failed to record the result; the handler's transaction was rolled \
+         back, but its other side effects may have happened. A retry with the same key runs the \
+         request again",
     )
     .retry_after(retry_after)
 }
@@ -531,7 +546,8 @@ fn unavailable(retry_after: u64) -> Rejection {
 fn handler_failed<B>(shared: &Shared<impl Ledger>) -> Response<ResponseBody<B>> {
     let rejection = Rejection::new(
         RejectionKind::HandlerFailed,
-        "the request failed; it was not recorded, so it may be retried with the same key",
+        "the request failed and its response was not stored; a retry with the same key runs it \
+         again, which is safe only if the handler's side effects are idempotent",
     );
     render(&*shared.config.responder, &rejection).map(ResponseBody::full)
 }
@@ -632,12 +648,12 @@ async fn commit<L: Ledger, B>(
             answer(shared, Outcome::Executed, handler_failed(shared))
         }
         Err(TxError::Ledger(error)) => {
-            tracing::error!(%error, "committing the handler's transaction failed; nothing was written");
+            tracing::error!(%error, "committing the handler's transaction failed; it was rolled back");
             release(shared, key, token).await;
             reject(
                 shared,
                 Outcome::LedgerError,
-                unavailable(config.retry_after_secs()),
+                commit_failed(config.retry_after_secs()),
             )
         }
     }
