@@ -64,8 +64,12 @@ pub struct Faults {
     /// The share of successful charges whose connection is broken mid-answer after the charge
     /// was recorded (0.0 to 1.0).
     pub drop_after: f64,
-    /// A test hook: after recording a charge, print `CHARGED` on stdout and never answer.
+    /// A test hook: after recording a charge (not on a replay), print `CHARGED` on stdout and
+    /// never answer.
     pub pause_after_charge: bool,
+    /// The processor's idempotency lease (not a fault, but set with them for crash tests, whose
+    /// killed processor leaves a claim behind); `None`: the layer's default, 30 s.
+    pub lease: Option<Duration>,
 }
 
 /// A charge as recorded and answered.
@@ -111,7 +115,12 @@ pub fn router(
     ledger: SqliteLedger,
     faults: Faults,
 ) -> Result<Router, tower_idempotency::ConfigError> {
-    let layer = IdempotencyLayer::builder(ledger.clone())
+    let builder = IdempotencyLayer::builder(ledger.clone());
+    let builder = match faults.lease {
+        Some(lease) => builder.with_lease(lease),
+        None => builder,
+    };
+    let layer = builder
         .with_missing_key(MissingKey::Reject)
         .with_json_canonicalization(true)
         .with_transactions()
@@ -163,7 +172,8 @@ async fn misbehave(Extension(faults): Extension<Faults>, request: Request, next:
     if !response.status().is_success() {
         return response;
     }
-    if faults.pause_after_charge {
+    // A replay charged nothing now: the hook waits for a fresh charge.
+    if faults.pause_after_charge && !response.headers().contains_key(tower_idempotency::REPLAYED) {
         {
             use std::io::Write;
             let mut stdout = std::io::stdout().lock();

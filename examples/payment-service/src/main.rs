@@ -131,6 +131,13 @@ struct FaultArgs {
     /// (0.0 to 1.0).
     #[arg(long, env = "PAYMENT_SERVICE_DROP_AFTER_RATE", default_value_t = 0.0)]
     drop_after_rate: f64,
+    /// The processor's idempotency lease, in milliseconds.
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_PROCESSOR_LEASE_MS",
+        default_value_t = 30_000
+    )]
+    processor_lease_ms: u64,
 }
 
 impl FaultArgs {
@@ -141,6 +148,7 @@ impl FaultArgs {
             fail_after: self.fail_after_rate.clamp(0.0, 1.0),
             drop_after: self.drop_after_rate.clamp(0.0, 1.0),
             pause_after_charge,
+            lease: Some(Duration::from_millis(self.processor_lease_ms)),
         }
     }
 }

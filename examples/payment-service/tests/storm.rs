@@ -24,6 +24,7 @@ fn flaky(share: f64) -> Faults {
         fail_after: share,
         drop_after: share / 2.0,
         pause_after_charge: false,
+        lease: None,
     }
 }
 
