@@ -66,7 +66,19 @@ where
 pub(crate) fn unavailable(retry_after: u64) -> Rejection {
     Rejection::new(
         RejectionKind::LedgerUnavailable,
-        "the idempotency ledger is unavailable; the request was not processed",
+        "the idempotency ledger is unavailable; the handler did not run",
+    )
+    .retry_after(retry_after)
+}
+
+/// The handler ran but its result could not be recorded: its transaction was rolled back, but
+/// what it did outside the transaction stays done.
+pub(crate) fn commit_failed(retry_after: u64) -> Rejection {
+    Rejection::new(
+        RejectionKind::LedgerUnavailable,
+        "the idempotency ledger failed to record the result; the handler's transaction was rolled \
+         back, but its other side effects may have happened. A retry with the same key runs the \
+         request again",
     )
     .retry_after(retry_after)
 }
@@ -74,7 +86,8 @@ pub(crate) fn unavailable(retry_after: u64) -> Rejection {
 pub(crate) fn handler_failed<B>(shared: &Shared<impl Ledger>) -> Response<ResponseBody<B>> {
     let rejection = Rejection::new(
         RejectionKind::HandlerFailed,
-        "the request failed; it was not recorded, so it may be retried with the same key",
+        "the request failed and its response was not stored; a retry with the same key runs it \
+         again, which is safe only if the handler's side effects are idempotent",
     );
     render(&*shared.config.responder, &rejection).map(ResponseBody::full)
 }

@@ -42,8 +42,9 @@
 //! 3. The winner runs the handler (if the client disconnects, the rest moves into a task of its
 //!    own rather than stopping),
 //!    renewing its lease every third of the lease; its response is stored with the token (a
-//!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic
-//!    or a failed body, the key is released so that a retry runs again.
+//!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic,
+//!    a failed body or a response marked [`DoNotStore`], the key is released so that a retry
+//!    runs again.
 //! 4. Everyone else gets the replay, 409/202/a wait, or 422, as above.
 //!
 //! # Features
@@ -53,6 +54,30 @@
 //!   `LedgerTx` extractor of exactly-once mode.
 //! - `opentelemetry`: OpenTelemetry metrics (`with_meter`). Spans go through `tracing` either
 //!   way.
+//!
+//! # Downstream keys, and answers that are not stored
+//! A handler that calls another idempotent service (a card processor) passes it a key derived
+//! from its [`Operation`]: the same on every run of this request, even after a 5xx released the
+//! key, so the downstream service charges once however often the handler re-runs.
+//! A validation failure, given before any side effect, is marked [`DoNotStore`] (or sent with
+//! `Cache-Control: no-store`): the key is released, and the fixed request may reuse it.
+//!
+//! ```
+//! use axum::{Router, http::StatusCode, routing::post};
+//! use tower_idempotency::{DoNotStore, IdempotencyLayer, MemoryLedger, Operation};
+//!
+//! async fn pay(op: Operation, body: String) -> Result<StatusCode, (DoNotStore, StatusCode)> {
+//!     if body.is_empty() {
+//!         return Err((DoNotStore, StatusCode::BAD_REQUEST)); // not stored: fix and retry
+//!     }
+//!     let charge_key = op.derive("charge"); // the processor's Idempotency-Key, every run
+//!     # let _ = charge_key;
+//!     Ok(StatusCode::CREATED)
+//! }
+//! let app: Router = Router::new()
+//!     .route("/payments", post(pay))
+//!     .layer(IdempotencyLayer::new(MemoryLedger::new()));
+//! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod answer;
@@ -60,6 +85,7 @@ mod body;
 mod builder;
 mod capture;
 mod config;
+mod downstream;
 mod duplicate;
 mod future;
 mod intake;
@@ -71,17 +97,20 @@ mod outcome;
 pub mod problem;
 mod response;
 mod service;
+mod store_decision;
 pub mod telemetry;
 mod transaction;
 
 pub use body::ResponseBody;
 pub use builder::{ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey};
 pub use config::is_stored_by_default;
+pub use downstream::{MissingOperation, Operation};
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;
 pub use response::{IDEMPOTENT_REPLAY_BODY, IDEMPOTENT_REPLAYED};
 pub use service::Idempotency;
+pub use store_decision::DoNotStore;
 pub use tower_idempotency_core::{
     self as core, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
     TransactionalLedger, purge_periodically,

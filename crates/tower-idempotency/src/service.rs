@@ -263,6 +263,10 @@ where
             telemetry.takeover();
         }
         let token = lease.token;
+        // The handler's downstream keys derive from the ledger key: the same on every run.
+        let mut parts = parts;
+        crate::downstream::Operation::new(ledger_key, lease.operation_id)
+            .expose(&mut parts.extensions);
         // The rest in a box of its own (1.5 KB): a replay, a conflict or a rejection never
         // allocates the handler's part of the state.
         Box::pin(run(shared, inner, parts, body, ledger_key, token)).await
@@ -351,7 +355,7 @@ where
                 return Ok(answer(&shared, Outcome::Executed, handler_failed(&shared)));
             }
         };
-        if !config.should_store(parts.status) {
+        if !crate::store_decision::should_store(config, &parts) {
             Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;
             let response = Response::from_parts(parts, body);
             return Ok(answer(&shared, Outcome::Executed, response));

@@ -11,7 +11,7 @@ use axum::{
     routing::get,
 };
 use serde::Deserialize;
-use tower_idempotency::{ConfigError, IdempotencyLayer, InProgress, LedgerTx};
+use tower_idempotency::{ConfigError, IdempotencyLayer, InProgress, LedgerTx, Operation};
 
 use crate::{
     auth::{self, Tenant},
@@ -22,13 +22,14 @@ use crate::{
     store::{NewPayment, Payment, PaymentLedger, Store},
 };
 
-/// How the service behaves: the simulated processor and the idempotency layer's policies.
+/// How the service behaves: where its processor is and the idempotency layer's policies.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// How long a charge takes. Default: 50 ms.
-    pub latency: Duration,
-    /// The probability that a charge fails (503, nothing charged). Default: 0.
-    pub fail_rate: f64,
+    /// The card processor's base URL ([`card_processor::spawn`](crate::card_processor::spawn)
+    /// starts one in-process). Default: `http://127.0.0.1:3001`.
+    pub processor_url: String,
+    /// The timeout of every call to the processor. Default: 10 s.
+    pub processor_timeout: Duration,
     /// What a duplicate gets while the first request runs. Default: 409.
     pub in_progress: InProgress,
     /// The idempotency lease. Default: 30 s.
@@ -42,18 +43,26 @@ pub struct Settings {
     /// A test hook: after writing the payment row, print `WRITTEN` on stdout and never answer,
     /// so that a crash test can kill the process right there. Default: false.
     pub pause_after_write: bool,
+    /// A test hook: after the charge, before the payment row, print `CHARGED` on stdout and
+    /// never answer. Default: false.
+    pub pause_after_charge: bool,
+    /// A test hook: the share of payment inserts that fail (500, after the charge), 0.0 to 1.0.
+    /// Default: 0.
+    pub fail_insert_rate: f64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            latency: Duration::from_millis(50),
-            fail_rate: 0.0,
+            processor_url: "http://127.0.0.1:3001".to_owned(),
+            processor_timeout: crate::processor::DEFAULT_TIMEOUT,
             in_progress: InProgress::Conflict,
             lease: Duration::from_secs(30),
             meter: None,
             exactly_once: true,
             pause_after_write: false,
+            pause_after_charge: false,
+            fail_insert_rate: 0.0,
         }
     }
 }
@@ -63,6 +72,8 @@ struct AppState {
     store: Store,
     processor: Processor,
     pause_after_write: bool,
+    pause_after_charge: bool,
+    fail_insert_rate: f64,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -95,8 +106,10 @@ pub fn idempotency_layer<L: PaymentLedger>(
 
 /// The whole service on `ledger` and `store`:
 ///
-/// - `POST /payments`, `GET /payments/{id}`, `GET /payments?customer=..` and
-///   `GET /operations/{operation_id}`, behind bearer authentication, which runs before the
+/// - `POST /payments`, `GET /payments/{id}`, `GET /payments?customer=..`,
+///   `GET /processor/charges?customer=..` (the processor's charges for this tenant and customer,
+///   for audits) and `GET /operations/{operation_id}`, behind bearer authentication, which runs
+///   before the
 ///   idempotency layer; `POST /payments` writes its row in the layer's transaction if
 ///   `settings.exactly_once`, else on the pool;
 /// - `GET /healthz`, open;
@@ -105,12 +118,14 @@ pub fn app<L: PaymentLedger>(
     ledger: L,
     store: Store,
     settings: &Settings,
-) -> Result<Router, ConfigError> {
+) -> Result<Router, crate::StartError> {
     let layer = idempotency_layer(ledger, settings)?;
     let state = Arc::new(AppState {
         store,
-        processor: Processor::new(settings.latency, settings.fail_rate),
+        processor: Processor::new(&settings.processor_url, settings.processor_timeout)?,
         pause_after_write: settings.pause_after_write,
+        pause_after_charge: settings.pause_after_charge,
+        fail_insert_rate: settings.fail_insert_rate.clamp(0.0, 1.0),
     });
     let payments = if settings.exactly_once {
         get(list_payments).post(create_payment_exactly_once::<L>)
@@ -120,6 +135,7 @@ pub fn app<L: PaymentLedger>(
     let protected = Router::new()
         .route("/payments", payments)
         .route("/payments/{id}", get(get_payment))
+        .route("/processor/charges", get(processor_charges))
         .layer(layer.clone())
         .merge(layer.operation_router())
         .layer(middleware::from_fn(auth::authenticate));
@@ -141,11 +157,12 @@ pub fn app<L: PaymentLedger>(
 async fn create_payment_exactly_once<L: PaymentLedger>(
     State(state): Shared,
     Extension(tenant): Extension<Tenant>,
+    operation: Operation,
     mut tx: LedgerTx<L>,
     ApiJson(new): ApiJson<NewPayment>,
 ) -> Result<Response, Problem> {
     new.validate().map_err(Problem::invalid_payment)?;
-    state.processor.charge(&new).await?;
+    charge(&state, &operation, &tenant, &new).await?;
     let payment = Payment::succeeded(new);
     L::insert_in(&mut tx, &tenant, &payment)
         .await
@@ -160,10 +177,11 @@ async fn create_payment_exactly_once<L: PaymentLedger>(
 async fn create_payment(
     State(state): Shared,
     Extension(tenant): Extension<Tenant>,
+    operation: Operation,
     ApiJson(new): ApiJson<NewPayment>,
 ) -> Result<Response, Problem> {
     new.validate().map_err(Problem::invalid_payment)?;
-    state.processor.charge(&new).await?;
+    charge(&state, &operation, &tenant, &new).await?;
     let payment = Payment::succeeded(new);
     state
         .store
@@ -174,18 +192,45 @@ async fn create_payment(
     Ok(created(payment))
 }
 
+/// Charges `new` with the processor, keyed by the operation's `derive("charge")`: the same key
+/// on every run of this payment, so a re-run (after a 5xx, a failed insert, a crash) gets the
+/// processor's replay and the card is charged once. Then the test hooks between the charge and
+/// the insert.
+async fn charge(
+    state: &AppState,
+    operation: &Operation,
+    tenant: &Tenant,
+    new: &NewPayment,
+) -> Result<(), Problem> {
+    let key = operation.derive("charge");
+    tracing::debug!(operation_id = %operation.operation_id(), "charging");
+    state.processor.charge(&key, tenant, new).await?;
+    if state.pause_after_charge {
+        say("CHARGED");
+        std::future::pending::<()>().await;
+    }
+    if state.fail_insert_rate > 0.0 && fastrand::f64() < state.fail_insert_rate {
+        return Err(Problem::internal(&std::io::Error::other(
+            "injected: the payment insert failed (--fail-insert-rate)",
+        )));
+    }
+    Ok(())
+}
+
+/// Prints `line` on stdout for a test that waits for it; if stdout is gone, nobody is waiting.
+fn say(line: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{line}");
+    let _ = stdout.flush();
+}
+
 /// After the payment row is written: log it, and with the `pause_after_write` test hook, say
 /// `WRITTEN` on stdout and hang, for a crash test to kill the process there.
 async fn written(state: &AppState, payment: &Payment) {
     tracing::info!(payment.id = %payment.id, amount = payment.amount, "payment created");
     if state.pause_after_write {
-        {
-            use std::io::Write;
-            let mut stdout = std::io::stdout().lock();
-            // The test reads this line; if it is gone, there is nobody to tell.
-            let _ = writeln!(stdout, "WRITTEN");
-            let _ = stdout.flush();
-        }
+        say("WRITTEN");
         std::future::pending::<()>().await;
     }
 }
@@ -229,6 +274,19 @@ async fn list_payments(
         .await
         .map_err(|e| Problem::database(&e))?;
     Ok(Json(serde_json::json!({ "payments": payments })))
+}
+
+/// `GET /processor/charges?customer=..`: the processor's charges for this tenant's customer.
+async fn processor_charges(
+    State(state): Shared,
+    Extension(tenant): Extension<Tenant>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<Json<serde_json::Value>, Problem> {
+    state
+        .processor
+        .charges(&tenant, &query.customer)
+        .await
+        .map(Json)
 }
 
 async fn healthz(State(state): Shared) -> Result<Json<serde_json::Value>, Problem> {

@@ -13,7 +13,9 @@ use serde::de::DeserializeOwned;
 use crate::problem::Problem;
 
 /// `Json<T>` whose rejections are problems: 400 `malformed-json` for a body that is not JSON,
-/// 400 `invalid-payment` for JSON of the wrong shape, 415 without a JSON content type.
+/// 400 `invalid-payment` for JSON of the wrong shape, 415 without a JSON content type. All are
+/// answered before any side effect, so none is stored by the idempotency layer: the client can
+/// fix its request and reuse its key.
 #[derive(Debug)]
 pub struct ApiJson<T>(pub T);
 
@@ -36,7 +38,7 @@ fn json_problem(rejection: &JsonRejection) -> Problem {
     // `body_text` is serde_json's message, such as "amount: invalid type: string \"1\",
     // expected i64 at line 1 column 14"; it names the field, never more than the caller sent.
     let detail = rejection.body_text();
-    match rejection {
+    let problem = match rejection {
         JsonRejection::JsonDataError(_) => Problem::invalid_payment(detail),
         JsonRejection::JsonSyntaxError(_) => Problem::new(
             StatusCode::BAD_REQUEST,
@@ -56,7 +58,8 @@ fn json_problem(rejection: &JsonRejection) -> Problem {
             "The body could not be read",
             detail,
         ),
-    }
+    };
+    problem.not_stored()
 }
 
 /// `Query<T>` whose rejection is a 400 `invalid-query` problem.

@@ -1,5 +1,6 @@
-//! A payment API that cannot charge twice: [tower-idempotency] in front of a simulated card
-//! processor and a `payments` table, on SQLite (the default, one file) or PostgreSQL.
+//! A payment API that cannot charge twice: [tower-idempotency] in front of a card processor
+//! (a separate HTTP service, [`card_processor`], idempotent on the key it is sent) and a
+//! `payments` table, on SQLite (the default, one file) or PostgreSQL.
 //!
 //! ```text
 //! cargo run -p payment-service -- serve              # 127.0.0.1:3000, ./payment-service.db
@@ -30,14 +31,19 @@
 //!   needs its own locking (`SELECT .. FOR UPDATE`) or a stricter level.
 //! - SQLite's transaction takes the database's write lock at its first write and keeps it to the
 //!   commit, so the handler writes last, after the processor call.
-//! - Side effects outside the database are not covered: the (simulated) card charge itself is
-//!   not rolled back. A real service records the charge request in an outbox table in the same
-//!   transaction and sends it from there, with the processor's own idempotency key.
+//! - Side effects outside the database are not rolled back: the card charge stands. They are
+//!   made idempotent instead: `POST /payments` sends the processor
+//!   [`Operation::derive("charge")`](tower_idempotency::Operation::derive) as its
+//!   `Idempotency-Key`, the same on every run of the payment (after a 5xx released the key, after
+//!   a crash and a takeover), so every re-run gets the processor's replay and the card is charged
+//!   once. `tests/downstream.rs` kills the service between the charge and the insert, kills the
+//!   processor after charging, and makes the insert fail: one charge per key every time.
 //!
 //! [tower-idempotency]: https://docs.rs/tower-idempotency
 
 pub mod app;
 pub mod auth;
+pub mod card_processor;
 pub mod extract;
 pub mod http_trace;
 pub mod problem;
@@ -80,6 +86,12 @@ pub enum StartError {
     /// A setting the idempotency layer refuses.
     #[error("idempotency layer: {0}")]
     Layer(#[from] tower_idempotency::ConfigError),
+    /// The processor's listener could not be bound.
+    #[error("listener: {0}")]
+    Io(std::io::Error),
+    /// The processor's HTTP client could not be built.
+    #[error("processor client: {0}")]
+    Client(#[from] reqwest::Error),
 }
 
 impl Database {
@@ -125,7 +137,7 @@ impl Database {
         }
     }
 
-    /// The service's router on this database.
+    /// The service's router on this database, calling the processor at `settings.processor_url`.
     pub fn router(&self, settings: &Settings) -> Result<Router, StartError> {
         let store = self.store();
         Ok(match self {

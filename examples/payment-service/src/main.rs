@@ -1,9 +1,10 @@
-//! `payment-service serve`: the payment API on tower-idempotency.
+//! `payment-service serve`: the payment API on tower-idempotency; `payment-service processor`:
+//! the card processor it calls.
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
-use payment_service::{Database, Settings, telemetry};
+use payment_service::{Database, Settings, card_processor, telemetry};
 use tower_idempotency::InProgress;
 
 #[derive(Debug, Parser)]
@@ -15,8 +16,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the API.
+    /// Serve the API. Without --processor-url it starts its card processor in-process, behind a
+    /// real HTTP listener on 127.0.0.1 (any free port) with its own SQLite file
+    /// (--processor-database-url): one command runs both, and every charge still crosses HTTP.
     Serve(Serve),
+    /// Serve the card processor alone (for `serve --processor-url`): it records charges in its
+    /// own SQLite file and is idempotent on the Idempotency-Key it is sent.
+    Processor(ProcessorArgs),
     /// Print the `key` span attribute of a token and an idempotency key, to find its trace.
     Key {
         /// The bearer token the request was sent with.
@@ -59,12 +65,42 @@ struct Serve {
     /// Test hook: print WRITTEN on stdout after writing a payment, then never answer.
     #[arg(long, env = "PAYMENT_SERVICE_PAUSE_AFTER_WRITE", hide = true)]
     pause_after_write: bool,
-    /// How long the simulated processor takes per charge, in milliseconds.
-    #[arg(long, env = "PAYMENT_SERVICE_LATENCY_MS", default_value_t = 50)]
-    latency_ms: u64,
-    /// The share of charges that fail with 503 (0.0 to 1.0); nothing is charged then.
-    #[arg(long, env = "PAYMENT_SERVICE_FAIL_RATE", default_value_t = 0.0)]
-    fail_rate: f64,
+    /// Test hook: print CHARGED on stdout after the charge, before the payment row, then never
+    /// answer.
+    #[arg(long, env = "PAYMENT_SERVICE_PAUSE_AFTER_CHARGE", hide = true)]
+    pause_after_charge: bool,
+    /// Test hook: the share of payment inserts that fail with 500 after the charge (0.0 to 1.0).
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_FAIL_INSERT_RATE",
+        default_value_t = 0.0,
+        hide = true
+    )]
+    fail_insert_rate: f64,
+    /// An external card processor (`payment-service processor`), such as http://127.0.0.1:3001.
+    /// Without it, serve starts one in-process on 127.0.0.1 (any free port), on
+    /// --processor-database-url, with the fault flags below.
+    #[arg(long, env = "PAYMENT_SERVICE_PROCESSOR_URL")]
+    processor_url: Option<String>,
+    /// The in-process processor's database (ignored with --processor-url).
+    #[arg(long, env = "PAYMENT_SERVICE_PROCESSOR_DATABASE_URL", default_value = payment_service::card_processor::DEFAULT_DATABASE_URL)]
+    processor_database_url: String,
+    /// The timeout of every call to the processor, in milliseconds.
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_PROCESSOR_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    processor_timeout_ms: u64,
+    #[command(flatten)]
+    faults: FaultArgs,
+    /// How often expired idempotency records are purged, in seconds.
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_PURGE_INTERVAL_SECS",
+        default_value_t = 300
+    )]
+    purge_interval_secs: u64,
     /// What a duplicate of a request still running gets.
     #[arg(long, env = "PAYMENT_SERVICE_IN_PROGRESS", value_enum, default_value_t = Policy::Conflict)]
     in_progress: Policy,
@@ -79,10 +115,91 @@ struct Serve {
     otel: telemetry::Otel,
 }
 
+/// How the card processor misbehaves (the in-process one of `serve`, or `processor`).
+#[derive(Debug, clap::Args)]
+struct FaultArgs {
+    /// How long the processor takes per charge, in milliseconds.
+    #[arg(long, env = "PAYMENT_SERVICE_LATENCY_MS", default_value_t = 50)]
+    latency_ms: u64,
+    /// The share of charges the processor fails with 503 before charging (0.0 to 1.0).
+    #[arg(long, env = "PAYMENT_SERVICE_FAIL_RATE", default_value_t = 0.0)]
+    fail_rate: f64,
+    /// The share of charges the processor records, then answers 503 (0.0 to 1.0).
+    #[arg(long, env = "PAYMENT_SERVICE_FAIL_AFTER_RATE", default_value_t = 0.0)]
+    fail_after_rate: f64,
+    /// The share of charges the processor records, then breaks the connection mid-answer
+    /// (0.0 to 1.0).
+    #[arg(long, env = "PAYMENT_SERVICE_DROP_AFTER_RATE", default_value_t = 0.0)]
+    drop_after_rate: f64,
+    /// The processor's idempotency lease, in milliseconds.
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_PROCESSOR_LEASE_MS",
+        default_value_t = 30_000
+    )]
+    processor_lease_ms: u64,
+}
+
+impl FaultArgs {
+    fn faults(&self, pause_after_charge: bool) -> card_processor::Faults {
+        card_processor::Faults {
+            latency: Duration::from_millis(self.latency_ms),
+            fail_before: self.fail_rate.clamp(0.0, 1.0),
+            fail_after: self.fail_after_rate.clamp(0.0, 1.0),
+            drop_after: self.drop_after_rate.clamp(0.0, 1.0),
+            pause_after_charge,
+            lease: Some(Duration::from_millis(self.processor_lease_ms)),
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct ProcessorArgs {
+    /// The address to listen on (port 0: any free port); prints `listening on http://ADDR`.
+    #[arg(long, env = "PAYMENT_PROCESSOR_ADDR", default_value = "127.0.0.1:3001")]
+    addr: SocketAddr,
+    /// The processor's SQLite database: its idempotency ledger and its charges.
+    #[arg(long, env = "PAYMENT_PROCESSOR_DATABASE_URL", default_value = payment_service::card_processor::DEFAULT_DATABASE_URL)]
+    database_url: String,
+    #[command(flatten)]
+    faults: FaultArgs,
+    /// Test hook: print CHARGED on stdout after recording a charge, then never answer.
+    #[arg(long, hide = true)]
+    pause_after_charge: bool,
+    /// How often expired idempotency records are purged, in seconds.
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_PURGE_INTERVAL_SECS",
+        default_value_t = 300
+    )]
+    purge_interval_secs: u64,
+}
+
+/// Purges at most this many expired records per statement.
+const PURGE_BATCH: usize = 1000;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = match Cli::parse().command {
         Command::Serve(args) => args,
+        Command::Processor(args) => {
+            let telemetry = match telemetry::init(telemetry::Otel::None) {
+                Ok(telemetry) => telemetry,
+                Err(error) => {
+                    eprintln!("payment-service processor: {error}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = processor(args).await;
+            telemetry.shutdown();
+            return match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("payment-service processor: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Key { token, key } => {
             return match payment_service::auth::key_attribute(&token, &key) {
                 Some(attribute) => {
@@ -115,10 +232,40 @@ async fn main() -> ExitCode {
     }
 }
 
+async fn processor(args: ProcessorArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let ledger = card_processor::connect(&args.database_url).await?;
+    tokio::spawn(tower_idempotency::purge_periodically(
+        ledger.clone(),
+        Duration::from_secs(args.purge_interval_secs.max(1)),
+        PURGE_BATCH,
+    ));
+    let router = card_processor::router(ledger, args.faults.faults(args.pause_after_charge))?;
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
 async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
+    // The processor: external, or in-process behind a real listener (so every charge crosses
+    // HTTP, with its timeout, exactly as it would to a remote processor).
+    let processor_url = match &args.processor_url {
+        Some(url) => url.clone(),
+        None => {
+            let url =
+                card_processor::spawn(&args.processor_database_url, args.faults.faults(false))
+                    .await?;
+            tracing::info!(%url, database = %args.processor_database_url, "card processor started in-process");
+            url
+        }
+    };
     let settings = Settings {
-        latency: Duration::from_millis(args.latency_ms),
-        fail_rate: args.fail_rate,
+        processor_url,
+        processor_timeout: Duration::from_millis(args.processor_timeout_ms),
+        pause_after_charge: args.pause_after_charge,
+        fail_insert_rate: args.fail_insert_rate,
         in_progress: match args.in_progress {
             Policy::Conflict => InProgress::Conflict,
             Policy::Accepted => InProgress::Accepted,
@@ -133,6 +280,23 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
         pause_after_write: args.pause_after_write,
     };
     let database = Database::connect(&args.database_url, args.ledger_table.as_deref()).await?;
+    let every = Duration::from_secs(args.purge_interval_secs.max(1));
+    match &database {
+        Database::Sqlite(ledger) => {
+            tokio::spawn(tower_idempotency::purge_periodically(
+                ledger.clone(),
+                every,
+                PURGE_BATCH,
+            ));
+        }
+        Database::Postgres(ledger) => {
+            tokio::spawn(tower_idempotency::purge_periodically(
+                ledger.clone(),
+                every,
+                PURGE_BATCH,
+            ));
+        }
+    }
     let router = database.router(&settings)?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     let addr = listener.local_addr()?;

@@ -14,9 +14,16 @@
 //! | `payment-not-found` | 404 | no payment with this id for this tenant |
 //! | `not-found` | 404 | no such route |
 //! | `method-not-allowed` | 405 | the route exists, the method does not |
-//! | `processor-unavailable` | 503 | the (simulated) processor failed; nothing was charged |
-//! | `database-unavailable` | 503 | the database was unreachable (connection lost, pool exhausted, locked); nothing was recorded |
+//! | `card-declined` | 402 | the processor declined the card (stored: the same key gets it again) |
+//! | `processor-unavailable` | 503 | the processor failed or did not answer: the card may have been charged, and a retry with the same key sends the processor the same charge key |
+//! | `processor-busy` | 503 | an earlier attempt of this payment is still in progress at the processor |
+//! | `processor-error` | 502 | the processor refused the charge request |
+//! | `database-unavailable` | 503 | the database was unreachable (connection lost, pool exhausted, locked); the payment was not recorded |
 //! | `internal` | 500 | the database failed otherwise |
+//!
+//! The 400 `malformed-json` and `invalid-payment` and the 415 are answered before any side
+//! effect and marked [`DoNotStore`](tower_idempotency::DoNotStore): the idempotency layer
+//! releases the key, so the client can fix its request and send it with the same key.
 
 use axum::{
     Json,
@@ -37,6 +44,7 @@ pub struct Problem {
     title: &'static str,
     detail: String,
     headers: Vec<(header::HeaderName, HeaderValue)>,
+    not_stored: bool,
 }
 
 #[derive(Serialize)]
@@ -62,7 +70,15 @@ impl Problem {
             title,
             detail: detail.into(),
             headers: Vec::new(),
+            not_stored: false,
         }
+    }
+
+    /// Marks the answer [`DoNotStore`](tower_idempotency::DoNotStore): the idempotency layer
+    /// releases the key instead of storing it. Only for answers given before any side effect.
+    pub fn not_stored(mut self) -> Self {
+        self.not_stored = true;
+        self
     }
 
     /// Adds a response header, such as `WWW-Authenticate` or `Retry-After`.
@@ -82,7 +98,7 @@ impl Problem {
         .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))
     }
 
-    /// 400: the payment is not valid.
+    /// 400: the payment is not valid. Answered before any side effect, so not stored.
     pub fn invalid_payment(detail: impl Into<String>) -> Self {
         Self::new(
             StatusCode::BAD_REQUEST,
@@ -90,6 +106,7 @@ impl Problem {
             "The payment is not valid",
             detail,
         )
+        .not_stored()
     }
 
     /// 404: no such payment for this tenant.
@@ -109,7 +126,9 @@ impl Problem {
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             "Internal error",
-            "the request could not be completed; it is safe to retry with the same key",
+            "the payment could not be recorded; the card may have been charged. A retry with the \
+             same Idempotency-Key runs it again and sends the processor the same charge key, so \
+             the card is charged at most once",
         )
     }
 
@@ -126,7 +145,9 @@ impl Problem {
             StatusCode::SERVICE_UNAVAILABLE,
             "database-unavailable",
             "The database is unavailable",
-            "nothing was recorded; retry with the same Idempotency-Key",
+            "the payment was not recorded; the card may have been charged. A retry with the same \
+             Idempotency-Key sends the processor the same charge key, so the card is charged at \
+             most once",
         )
         .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
@@ -150,6 +171,11 @@ impl IntoResponse for Problem {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
         for (name, value) in self.headers {
             headers.insert(name, value);
+        }
+        if self.not_stored {
+            response
+                .extensions_mut()
+                .insert(tower_idempotency::DoNotStore);
         }
         response
     }

@@ -6,7 +6,9 @@
 //! 201. A "dropped" request is abandoned at a random moment (before or after the server got it,
 //! like a connection reset) and retried; 409, 202 and 5xx are retried after a short backoff.
 //! Then `GET /payments?customer=..` must show exactly one payment per customer, the one every
-//! duplicate was answered with.
+//! duplicate was answered with, and `GET /processor/charges?customer=..` (the card processor's
+//! own record, through the service) exactly one charge for it: no payment without its charge,
+//! no charge without its payment.
 
 use std::{
     fmt,
@@ -91,16 +93,25 @@ pub struct Summary {
     /// Payments charged more than once: several rows for a customer, or duplicates answered
     /// with different payments.
     pub double_charges: u64,
-    /// Payments without a row, or whose row is not the one the client was answered with.
+    /// Payments without a row, or whose row is not the one the client was answered with (a
+    /// charge whose payment is missing included).
     pub lost: u64,
+    /// Charges the processor recorded for the storm's customers.
+    pub processor_charges: u64,
+    /// Payments with a row but no charge at the processor.
+    pub uncharged: u64,
     /// Wall time, in milliseconds.
     pub elapsed_ms: u64,
 }
 
 impl Summary {
-    /// No payment charged twice, none lost.
+    /// No payment charged twice, none lost, and the processor's charges match the payments one
+    /// to one.
     pub fn is_clean(&self) -> bool {
-        self.double_charges == 0 && self.lost == 0
+        self.double_charges == 0
+            && self.lost == 0
+            && self.uncharged == 0
+            && self.processor_charges == self.created
     }
 
     fn add(&mut self, other: &Self) {
@@ -140,6 +151,8 @@ impl fmt::Display for Summary {
         writeln!(f, "  unexpected    {:>8}", self.unexpected)?;
         writeln!(f, "retries         {:>8}", self.retries)?;
         writeln!(f, "payments        {:>8}", self.created)?;
+        writeln!(f, "processor charges {:>6}", self.processor_charges)?;
+        writeln!(f, "uncharged       {:>8}", self.uncharged)?;
         writeln!(f, "double charges  {:>8}", self.double_charges)?;
         writeln!(f, "lost            {:>8}", self.lost)?;
         write!(f, "elapsed         {:>8} ms", self.elapsed_ms)
@@ -225,10 +238,13 @@ pub async fn run(config: Config) -> Result<Summary, StormError> {
         });
     }
     while let Some(result) = audits.join_next().await {
-        match result?? {
+        let (verdict, charges) = result??;
+        summary.processor_charges += charges;
+        match verdict {
             Verdict::Created => summary.created += 1,
             Verdict::Double => summary.double_charges += 1,
             Verdict::Lost => summary.lost += 1,
+            Verdict::Uncharged => summary.uncharged += 1,
         }
     }
     progress.finish_and_clear();
@@ -347,18 +363,20 @@ enum Verdict {
     Created,
     Double,
     Lost,
+    Uncharged,
 }
 
-async fn audit(
+/// `GET {path}?customer=..` as the storm's tenant: the array under `field`.
+async fn list(
     shared: &Shared,
-    i: usize,
-    answered: Vec<Option<String>>,
-) -> Result<Verdict, StormError> {
+    path: &str,
+    customer: &str,
+    field: &str,
+) -> Result<Vec<Value>, StormError> {
     let config = &shared.config;
-    let customer = customer(config, i);
     // `storm-{hex}-{i}` needs no percent-encoding.
     let url = format!(
-        "{}/payments?customer={customer}",
+        "{}{path}?customer={customer}",
         config.url.trim_end_matches('/')
     );
     let response = shared
@@ -368,26 +386,39 @@ async fn audit(
         .send()
         .await?;
     let error = |detail: String| StormError::Audit {
-        customer: customer.clone(),
+        customer: customer.to_owned(),
         detail,
     };
     if response.status() != StatusCode::OK {
-        return Err(error(format!("status {}", response.status())));
+        return Err(error(format!("{path}: status {}", response.status())));
     }
     let list: Value = response.json().await?;
-    let rows: Vec<&str> = list["payments"]
+    list[field]
         .as_array()
-        .ok_or_else(|| error("no payments array".to_owned()))?
-        .iter()
-        .filter_map(|p| p["id"].as_str())
-        .collect();
+        .cloned()
+        .ok_or_else(|| error(format!("{path}: no {field} array")))
+}
+
+/// The verdict on payment `i`, and how many charges the processor has for it.
+async fn audit(
+    shared: &Shared,
+    i: usize,
+    answered: Vec<Option<String>>,
+) -> Result<(Verdict, u64), StormError> {
+    let customer = customer(&shared.config, i);
+    let payments = list(shared, "/payments", &customer, "payments").await?;
+    let charges = list(shared, "/processor/charges", &customer, "charges").await?;
+    let rows: Vec<&str> = payments.iter().filter_map(|p| p["id"].as_str()).collect();
     let mut ids: Vec<&str> = answered.iter().flatten().map(String::as_str).collect();
     ids.sort_unstable();
     ids.dedup();
-    Ok(match (rows.as_slice(), ids.as_slice()) {
-        (rows, _) if rows.len() > 1 => Verdict::Double,
-        (_, ids) if ids.len() > 1 => Verdict::Double,
-        ([row], [id]) if row == id => Verdict::Created,
+    let verdict = match (rows.as_slice(), ids.as_slice(), charges.len()) {
+        (rows, _, _) if rows.len() > 1 => Verdict::Double,
+        (_, ids, _) if ids.len() > 1 => Verdict::Double,
+        (_, _, charges) if charges > 1 => Verdict::Double,
+        ([row], [id], 1) if row == id => Verdict::Created,
+        ([row], [id], 0) if row == id => Verdict::Uncharged,
         _ => Verdict::Lost,
-    })
+    };
+    Ok((verdict, charges.len() as u64))
 }

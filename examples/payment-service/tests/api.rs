@@ -2,23 +2,31 @@
 
 #![allow(clippy::unwrap_used)] // tests may panic
 
-use std::time::Duration;
-
 use axum::{
     Router,
     body::Body,
     http::{Request, StatusCode, header},
 };
 use http_body_util::BodyExt;
-use payment_service::{Database, Settings, Store};
+use payment_service::{
+    Database, Settings, Store,
+    card_processor::{self, Faults},
+};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use tower_idempotency_sqlx::sqlx;
 
+/// A card processor in-process behind a real listener, on an in-memory database.
+async fn processor(faults: Faults) -> String {
+    card_processor::spawn("sqlite::memory:", faults)
+        .await
+        .unwrap()
+}
+
 async fn app() -> Router {
     let database = Database::connect("sqlite::memory:", None).await.unwrap();
     let settings = Settings {
-        latency: Duration::ZERO,
+        processor_url: processor(Faults::default()).await,
         ..Settings::default()
     };
     database.router(&settings).unwrap()
@@ -254,7 +262,11 @@ async fn ledger_records(database: &Database) -> i64 {
 #[tokio::test]
 async fn authentication_is_required_before_the_ledger() {
     let database = Database::connect("sqlite::memory:", None).await.unwrap();
-    let app = database.router(&Settings::default()).unwrap();
+    let settings = Settings {
+        processor_url: processor(Faults::default()).await,
+        ..Settings::default()
+    };
+    let app = database.router(&settings).unwrap();
     let malformed = [
         None,
         Some("Basic dXNlcjpwYXNz"),
@@ -392,8 +404,11 @@ async fn the_layer_answers_key_problems_in_the_same_format() {
 async fn a_failed_charge_is_a_503_and_writes_nothing() {
     let database = Database::connect("sqlite::memory:", None).await.unwrap();
     let settings = Settings {
-        latency: Duration::ZERO,
-        fail_rate: 1.0,
+        processor_url: processor(Faults {
+            fail_before: 1.0,
+            ..Faults::default()
+        })
+        .await,
         ..Settings::default()
     };
     let app = database.router(&settings).unwrap();

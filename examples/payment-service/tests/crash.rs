@@ -1,7 +1,7 @@
 //! Crash tests of exactly-once mode: the real `payment-service` binary, killed with SIGKILL in
 //! the middle of a payment, restarted on the same database, and retried with the same key.
 //!
-//! Two kill points: during the (simulated) processor call, before anything is written, and right
+//! Two kill points: during the processor call, before anything is written, and right
 //! after the payment row is written (the hidden `--pause-after-write` hook prints `WRITTEN` and
 //! hangs), before the transaction commits. Either way, every key ends with exactly one payment,
 //! and the retries that reach the restarted service while the dead process's lease still runs
@@ -35,6 +35,15 @@ struct Db {
     ledger_table: Option<String>,
     /// SQLite: the file, removed at the end.
     file: Option<std::path::PathBuf>,
+    /// The card processor's SQLite file (the in-process one of `serve`), removed at the end.
+    processor: std::path::PathBuf,
+}
+
+fn processor_file() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "payment-processor-crash-{}.db",
+        uuid::Uuid::new_v4().simple()
+    ))
 }
 
 impl Db {
@@ -47,6 +56,7 @@ impl Db {
             url: format!("sqlite://{}?mode=rwc", file.display()),
             ledger_table: None,
             file: Some(file),
+            processor: processor_file(),
         }
     }
 
@@ -64,6 +74,7 @@ impl Db {
             url,
             ledger_table: Some(format!("payment_service_crash_{suffix}")),
             file: None,
+            processor: processor_file(),
         })
     }
 
@@ -86,7 +97,7 @@ impl Db {
 
 impl Drop for Db {
     fn drop(&mut self) {
-        if let Some(file) = &self.file {
+        for file in self.file.iter().chain([&self.processor]) {
             for suffix in ["", "-wal", "-shm"] {
                 let mut path = file.clone().into_os_string();
                 path.push(suffix);
@@ -127,6 +138,11 @@ impl Service {
             .args(["serve", "--addr", "127.0.0.1:0", "--lease-ms", LEASE_MS])
             .args(["--database-url", &db.url])
             .args(["--latency-ms", &latency_ms.to_string()])
+            // The processor (in-process, on its own file shared with the restarted service):
+            // the killed one leaves its claim of the charge key behind, which must lapse before
+            // the service's own (LEASE_MS), so the retry is not told the processor is busy.
+            .args(["--processor-database-url", &processor_url(db)])
+            .args(["--processor-lease-ms", "150"])
             .args(["--exactly-once", &mode.exactly_once.to_string()])
             .args([
                 "--in-progress",
@@ -178,6 +194,10 @@ impl Service {
         self.child.start_kill().unwrap();
         self.child.wait().await.unwrap();
     }
+}
+
+fn processor_url(db: &Db) -> String {
+    format!("sqlite://{}?mode=rwc", db.processor.display())
 }
 
 const TOKEN: &str = "tok_crash_test";

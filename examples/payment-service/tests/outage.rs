@@ -97,7 +97,15 @@ async fn an_outage_mid_traffic_answers_503_and_recovers_without_double_charges()
     let database = Database::connect(&service_url, Some(&table)).await.unwrap();
     let settings = Settings {
         // Long enough that the cut finds every first request inside its transaction.
-        latency: Duration::from_millis(300),
+        processor_url: payment_service::card_processor::spawn(
+            "sqlite::memory:",
+            payment_service::card_processor::Faults {
+                latency: Duration::from_millis(300),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap(),
         in_progress: InProgress::Conflict,
         // A key whose release failed in the outage frees itself soon.
         lease: Duration::from_secs(1),

@@ -1,5 +1,6 @@
-//! End to end over real TCP: the service on an ephemeral port, the storm against it (the same
-//! code as the `storm` binary), on SQLite and on PostgreSQL.
+//! End to end over real TCP: the service on an ephemeral port, its card processor on another
+//! (in-process, its own SQLite file), the storm against it (the same code as the `storm` binary),
+//! on SQLite and on PostgreSQL; the audit checks both sides, payments and charges.
 
 #![allow(clippy::unwrap_used)] // tests may panic
 
@@ -7,18 +8,41 @@ use std::time::Duration;
 
 use payment_service::{
     Database, Settings,
+    card_processor::{self, Faults},
     storm::{self, Summary},
 };
 use tower_idempotency::InProgress;
 
 const PAYMENTS: usize = 60;
 
-/// Serves `database` on 127.0.0.1:0 and runs a storm of 60 payments x 6 duplicates with 20%
-/// of the requests dropped, and `fail_rate` of the charges failing with 503.
-async fn storm_against(database: Database, in_progress: InProgress, fail_rate: f64) -> Summary {
-    let settings = Settings {
+/// The processor fails a share of the charges before charging, a share after charging (503
+/// with the charge recorded), and breaks the connection after charging for another share.
+fn flaky(share: f64) -> Faults {
+    Faults {
         latency: Duration::from_millis(20),
-        fail_rate,
+        fail_before: share,
+        fail_after: share,
+        drop_after: share / 2.0,
+        pause_after_charge: false,
+        lease: None,
+    }
+}
+
+/// Serves `database` on 127.0.0.1:0 with a processor (its own SQLite file) misbehaving as
+/// `faults`, and runs a storm of 60 payments x 6 duplicates with 20% of the requests dropped.
+async fn storm_against(database: Database, in_progress: InProgress, faults: Faults) -> Summary {
+    let processor_db = TempDb(std::env::temp_dir().join(format!(
+        "payment-processor-e2e-{}.db",
+        uuid::Uuid::new_v4().simple()
+    )));
+    let processor_url = card_processor::spawn(
+        &format!("sqlite://{}?mode=rwc", processor_db.0.display()),
+        faults,
+    )
+    .await
+    .unwrap();
+    let settings = Settings {
+        processor_url,
         in_progress,
         ..Settings::default()
     };
@@ -43,6 +67,10 @@ fn assert_clean(summary: &Summary) {
     assert_eq!(summary.double_charges, 0, "{summary}");
     assert_eq!(summary.lost, 0, "{summary}");
     assert_eq!(summary.created, PAYMENTS as u64, "{summary}");
+    // Both sides: every payment has exactly one charge, and every charge its payment.
+    assert_eq!(summary.processor_charges, PAYMENTS as u64, "{summary}");
+    assert_eq!(summary.uncharged, 0, "{summary}");
+    assert!(summary.is_clean(), "{summary}");
     assert_eq!(summary.unexpected, 0, "{summary}");
     // The storm really stormed: duplicates were answered from the ledger, and the network
     // lost requests that had to be retried.
@@ -72,8 +100,9 @@ async fn storm_on_sqlite_charges_each_payment_once() {
     )));
     let url = format!("sqlite://{}?mode=rwc", file.0.display());
     let database = Database::connect(&url, None).await.unwrap();
-    // A quarter of the charges fail: the 503 releases the key, and a retry charges once.
-    let summary = storm_against(database, InProgress::Conflict, 0.25).await;
+    // The processor fails before and after charging: the 503 releases the key, and the retry
+    // sends the same charge key, so the processor replays instead of charging again.
+    let summary = storm_against(database, InProgress::Conflict, flaky(0.15)).await;
     assert_clean(&summary);
     assert!(summary.conflicts > 0, "{summary}");
     assert!(summary.server_errors > 0, "{summary}");
@@ -87,7 +116,7 @@ async fn storm_with_accepted_policy_charges_each_payment_once() {
     )));
     let url = format!("sqlite://{}?mode=rwc", file.0.display());
     let database = Database::connect(&url, None).await.unwrap();
-    let summary = storm_against(database, InProgress::Accepted, 0.0).await;
+    let summary = storm_against(database, InProgress::Accepted, flaky(0.0)).await;
     assert_clean(&summary);
     assert!(summary.accepted > 0, "{summary}");
 }
@@ -111,8 +140,9 @@ async fn storm_on_postgres_charges_each_payment_once() {
         InProgress::Wait {
             timeout: Duration::from_secs(5),
         },
-        0.0,
+        flaky(0.15),
     )
     .await;
     assert_clean(&summary);
+    assert!(summary.server_errors > 0, "{summary}");
 }

@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // tests may panic
 
-use std::{collections::HashMap, time::Duration};
+use std::collections::HashMap;
 
 use axum::{
     body::Body,
@@ -54,7 +54,12 @@ async fn one_request_is_a_server_span_an_idempotency_span_and_ledger_spans() {
 
     let database = Database::connect("sqlite::memory:", None).await.unwrap();
     let settings = Settings {
-        latency: Duration::ZERO,
+        processor_url: payment_service::card_processor::spawn(
+            "sqlite::memory:",
+            Default::default(),
+        )
+        .await
+        .unwrap(),
         meter: Some(opentelemetry::metrics::MeterProvider::meter(
             &meter_provider,
             "tower-idempotency",

@@ -7,7 +7,7 @@ use tower_idempotency_core::{FencingToken, Ledger, LedgerKey, StoredResponse};
 use super::{TxError, TxHandle};
 use crate::{
     Outcome,
-    answer::{answer, handler_failed, reject, unavailable},
+    answer::{answer, commit_failed, handler_failed, reject},
     body::ResponseBody,
     config::Shared,
     lease::release,
@@ -56,12 +56,12 @@ pub(crate) async fn commit<L: Ledger, B>(
             answer(shared, Outcome::Executed, handler_failed(shared))
         }
         Err(TxError::Ledger(error)) => {
-            tracing::error!(%error, "committing the handler's transaction failed; nothing was written");
+            tracing::error!(%error, "committing the handler's transaction failed; it was rolled back");
             release(shared, key, token).await;
             reject(
                 shared,
                 Outcome::LedgerError,
-                unavailable(config.retry_after_secs()),
+                commit_failed(config.retry_after_secs()),
             )
         }
     }

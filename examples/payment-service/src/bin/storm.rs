@@ -54,10 +54,15 @@ async fn main() -> ExitCode {
         Ok(summary) => {
             println!("{summary}");
             if summary.is_clean() {
-                println!("OK: every payment charged exactly once");
+                println!(
+                    "OK: every payment charged exactly once, and every charge has its payment"
+                );
                 ExitCode::SUCCESS
             } else {
-                println!("FAILED: payments were charged twice or lost");
+                println!(
+                    "FAILED: payments were charged twice or lost, or the processor's charges do \
+                     not match the payments"
+                );
                 ExitCode::FAILURE
             }
         }
