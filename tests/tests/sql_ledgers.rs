@@ -637,3 +637,71 @@ async fn sqlite_lease_is_timed_from_when_the_claim_runs_not_from_the_pool_wait()
         "the lease has {left} ms left just after the claim returned; expected about 2000"
     );
 }
+
+/// Issue 18: the claim of a completed key is a plain read. It neither waits for a row lock that
+/// another transaction holds nor takes a transaction id, so its commit writes no WAL record and
+/// waits for no flush (an `ON CONFLICT DO UPDATE` whose `WHERE` excludes the row still locks it).
+#[tokio::test]
+async fn postgres_a_replay_claim_locks_nothing_and_writes_nothing() {
+    let Some(table) = common::PgTable::create().await else {
+        return;
+    };
+    let ledger = &table.ledger;
+    let first = completed(ledger, "replay").await;
+    let replayed = |claim: Result<Claim, LedgerError>| {
+        matches!(
+            claim,
+            Ok(Claim::Existing(tower_idempotency_core::Existing {
+                state: RecordState::Completed(_),
+                ..
+            }))
+        )
+    };
+
+    // Another transaction holds the row's lock: the replay does not wait for it.
+    let mut holder = ledger.pool().begin().await.expect("begin");
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT 1 FROM \"{}\" WHERE key = $1 FOR UPDATE",
+        table.name
+    )))
+    .bind(&first.key.as_bytes()[..])
+    .execute(&mut *holder)
+    .await
+    .expect("lock the row");
+    let replay = tokio::time::timeout(Duration::from_secs(10), ledger.claim(&first))
+        .await
+        .expect("the replay's claim waited for the row lock");
+    assert!(replayed(replay));
+    holder.rollback().await.expect("rollback");
+
+    // The ledger's own claim statement, inside a transaction we can look into: no xid.
+    let mut tx = ledger.pool().begin().await.expect("begin");
+    let found = sqlx::query(ledger.statements().claim.clone())
+        .bind(&first.key.as_bytes()[..])
+        .bind(&first.scope.as_bytes()[..])
+        .bind(&first.fingerprint.as_bytes()[..])
+        .bind(first.operation_id)
+        .bind(first.token.as_uuid())
+        .bind(60_000_i64)
+        .bind(3_600_000_i64)
+        .fetch_optional(&mut *tx)
+        .await
+        .expect("the claim statement");
+    assert!(found.is_some(), "the claim found the completed record");
+    let xid: Option<String> = sqlx::query_scalar("SELECT pg_current_xact_id_if_assigned()::text")
+        .fetch_one(&mut *tx)
+        .await
+        .expect("xid");
+    assert_eq!(
+        xid, None,
+        "the replay's claim took a transaction id (a write)"
+    );
+    tx.rollback().await.expect("rollback");
+
+    // A fresh key still inserts, of course.
+    assert!(matches!(
+        ledger.claim(&request("fresh", "body")).await,
+        Ok(Claim::Acquired(_))
+    ));
+    table.drop().await;
+}

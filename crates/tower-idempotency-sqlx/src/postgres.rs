@@ -21,9 +21,11 @@ use crate::{
 
 /// A ledger in a PostgreSQL table, shared by every app instance that uses the database.
 ///
-/// - **One statement per step.** A claim is a single `INSERT .. ON CONFLICT DO UPDATE .. WHERE
-///   .. RETURNING` that also reads back the record it lost to; complete, release and renew are a
-///   single fenced `UPDATE`/`DELETE`. A first request costs two round trips, a replay one.
+/// - **One statement per step.** A claim is a single statement: it reads the record it cannot
+///   take (a replay, a 409 or a 422 then locks and writes nothing: no WAL, no flush), or else
+///   runs an `INSERT .. ON CONFLICT DO UPDATE .. WHERE .. RETURNING`. Complete, release and
+///   renew are a single fenced `UPDATE`/`DELETE`. A first request costs two round trips, a
+///   replay one read.
 /// - **The database's clock** (`now()`) decides leases and expiry, so app instances whose clocks
 ///   disagree still agree on who holds a key.
 /// - **Waiting uses `LISTEN`/`NOTIFY`.** A waiter marks the record `watched`; completing or
@@ -114,20 +116,32 @@ impl Backend for Postgres {
             format!("CASE WHEN watched THEN pg_notify('{channel}', encode(key, 'hex')) END");
         let statements = Statements {
             // $1 key, $2 scope, $3 fingerprint, $4 operation id, $5 token, $6 lease and
-            // $7 retention in ms. The INSERT decides atomically: insert, replace an expired
-            // record, take over an expired lease with the same fingerprint, or write nothing (the
-            // SET expressions read the old row, so a takeover keeps its operation id). When it
-            // writes nothing, the second branch reads the record it lost to, in the same
-            // statement. Under READ COMMITTED that read uses the statement's snapshot, which may
-            // predate a record committed while the INSERT waited on it: then neither branch
-            // returns a row and the caller runs the statement again. The `expires_at` test keeps
-            // such a stale read from reporting a record that has since been replaced.
+            // $7 retention in ms.
+            //
+            // `live` first reads the record this claim cannot take: a completed or in-progress
+            // record within its retention, unless it is a lapsed lease with the same
+            // fingerprint. If there is one, the INSERT is given no row at all, so a replay (or
+            // a 409, or a 422) locks nothing and writes nothing: its transaction gets no xid and
+            // its commit no WAL record and no flush (issue 18: an `ON CONFLICT DO UPDATE` whose
+            // WHERE excludes the row still locks it, which cost a WAL flush per replay).
+            //
+            // Otherwise the INSERT decides atomically: insert, replace an expired record, take
+            // over an expired lease with the same fingerprint, or write nothing (the SET
+            // expressions read the old row, so a takeover keeps its operation id). When a
+            // concurrent claim got there first, the INSERT writes nothing and `live`, read in the
+            // statement's snapshot from before that claim committed, is empty too: neither
+            // branch returns a row and the caller runs the statement again.
             claim: sql(format!(
-                "WITH claimed AS ( \
+                "WITH live AS ( \
+                   SELECT {columns} FROM {t} \
+                   WHERE key = $1 AND expires_at > now() AND NOT (state = '{IN_PROGRESS}' \
+                     AND lease_until <= now() AND fingerprint = $3)), \
+                 claimed AS ( \
                    INSERT INTO {t} AS r (key, scope, fingerprint, operation_id, token, state, \
                      lease_until, expires_at, status, headers, body, body_omitted) \
-                   VALUES ($1, $2, $3, $4, $5, '{IN_PROGRESS}', {lease}, {retention}, \
-                     NULL, NULL, NULL, false) \
+                   SELECT $1, $2, $3, $4, $5, '{IN_PROGRESS}', {lease}, {retention}, \
+                     NULL, NULL, NULL, false \
+                   WHERE NOT EXISTS (SELECT 1 FROM live) \
                    ON CONFLICT (key) DO UPDATE SET \
                      operation_id = CASE WHEN r.expires_at <= now() \
                        THEN excluded.operation_id ELSE r.operation_id END, \
@@ -140,8 +154,7 @@ impl Backend for Postgres {
                    RETURNING {columns}) \
                  SELECT true AS won, {columns} FROM claimed \
                  UNION ALL \
-                 SELECT false, {columns} FROM {t} \
-                 WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM claimed)",
+                 SELECT false, {columns} FROM live",
                 lease = from_now(6),
                 retention = from_now(7),
             )),
