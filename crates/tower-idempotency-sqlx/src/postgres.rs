@@ -378,6 +378,7 @@ impl Ledger for PostgresLedger {
                 fingerprint: row::fingerprint(&fingerprint)?,
                 operation_id,
                 state: columns(&found)?.into_state()?,
+                expires_in: None,
             }));
         }
         Err(LedgerError::backend(

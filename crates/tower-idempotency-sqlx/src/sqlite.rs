@@ -262,6 +262,7 @@ impl SqliteLedger {
             fingerprint: row::fingerprint(&fingerprint)?,
             operation_id: uuid_column(&found, "operation_id")?,
             state: columns(&found)?.into_state()?,
+            expires_in: None,
         }))
     }
 

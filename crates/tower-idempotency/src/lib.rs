@@ -69,7 +69,7 @@ pub use outcome::Outcome;
 pub use response::{REPLAY_BODY, REPLAYED};
 pub use service::Idempotency;
 pub use tower_idempotency_core::{
-    self as core, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
+    self as core, CachedLedger, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
     TransactionalLedger, purge_periodically,
 };
 pub use transaction::{LedgerTx, MissingLedgerTx};
