@@ -4,13 +4,16 @@
 //! layer on each ledger, peer crates), drives it with keep-alive HTTP/1.1 connections sending a
 //! 1 KiB JSON body to a trivial handler (or, with `BENCH_HANDLER=json`, one that parses the body),
 //! on the fresh path (every key new) and on the replay path (keys reused), and prints requests per
-//! second, server CPU per request and the ratios to bare axum measured in the same round.
+//! second, latency p50 and p99, server CPU per request, PostgreSQL WAL bytes per request (for the
+//! variants on PostgreSQL) and the ratios to bare axum measured in the same round.
 //! `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
 //!
 //! ```sh
 //! # idempotent 2.0 declares rust-version 1.98 and builds on 1.95: hence --ignore-rust-version
 //! cargo run --release --ignore-rust-version -- compare  # BENCH_SECS=5 BENCH_ROUNDS=3
-//! #   BENCH_CONNS=32 BENCH_ONLY=memory,sqlite,postgres,axum-idempotent,idempotent DATABASE_URL=..
+//! #   BENCH_CONNS=32 DATABASE_URL=.. BENCH_ONLY=memory,sqlite,postgres,postgres-cached,
+//! #   axum-idempotent,axum-idempotent-pg,idempotent
+//! # BENCH_PATHS=replay (or fresh) runs one path only.
 //! cargo run --release --ignore-rust-version -- growth   # GROWTH_SECS=60 GROWTH_WINDOW=5
 //! cargo run --release --ignore-rust-version -- one memory fresh  # one run, for a profiler
 //! cargo run --release --ignore-rust-version                      # compare, then growth
@@ -36,7 +39,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tower_idempotency::{IdempotencyLayer, Ledger, MemoryLedger};
+use tower_idempotency::{CachedLedger, IdempotencyLayer, Ledger, MemoryLedger};
 use tower_idempotency_sqlx::{PostgresLedger, SqliteLedger};
 
 const RESPONSE: &str = r#"{"id":"pay_1","status":"succeeded"}"#;
@@ -52,7 +55,7 @@ async fn create_payment(body: Bytes) -> impl IntoResponse {
 }
 
 /// Gives the connection a session, which axum-idempotent needs before it caches anything.
-async fn start_session(session: ruts::Session<ruts::store::moka::MokaStore>) -> StatusCode {
+async fn start_session<S: ruts::store::SessionStore>(session: ruts::Session<S>) -> StatusCode {
     let ttl = ruts::store::Ttl::new(3600).expect("a valid ttl");
     match session.set("bench", &1u8, ttl, None).await {
         Ok(()) => StatusCode::NO_CONTENT,
@@ -66,7 +69,9 @@ enum Variant {
     Memory,
     Sqlite,
     Postgres,
+    PostgresCached,
     AxumIdempotent,
+    AxumIdempotentPostgres,
     Idempotent2,
 }
 
@@ -77,7 +82,9 @@ impl Variant {
             "memory" => Variant::Memory,
             "sqlite" => Variant::Sqlite,
             "postgres" => Variant::Postgres,
+            "postgres-cached" => Variant::PostgresCached,
             "axum-idempotent" => Variant::AxumIdempotent,
+            "axum-idempotent-pg" => Variant::AxumIdempotentPostgres,
             "idempotent" => Variant::Idempotent2,
             _ => return None,
         })
@@ -89,7 +96,9 @@ impl Variant {
             Variant::Memory => "tower-idempotency MemoryLedger",
             Variant::Sqlite => "tower-idempotency SqliteLedger (file)",
             Variant::Postgres => "tower-idempotency PostgresLedger",
+            Variant::PostgresCached => "tower-idempotency CachedLedger<PostgresLedger>*",
             Variant::AxumIdempotent => "axum-idempotent 0.6 (ruts MokaStore)",
+            Variant::AxumIdempotentPostgres => "axum-idempotent 0.6 (ruts PostgresStore)",
             Variant::Idempotent2 => "idempotent 2.0 (MemoryStore)",
         }
     }
@@ -98,9 +107,27 @@ impl Variant {
     fn replay_header(self) -> Option<&'static str> {
         match self {
             Variant::Bare => None,
-            Variant::AxumIdempotent => Some("idempotency-replayed"),
+            Variant::AxumIdempotent | Variant::AxumIdempotentPostgres => {
+                Some("idempotency-replayed")
+            }
             _ => Some("idempotent-replayed"),
         }
+    }
+
+    /// Needs a session cookie first (axum-idempotent caches only for a request with a session).
+    fn needs_session(self) -> bool {
+        matches!(
+            self,
+            Variant::AxumIdempotent | Variant::AxumIdempotentPostgres
+        )
+    }
+
+    /// Writes to PostgreSQL: its WAL is measured around the run.
+    fn uses_postgres(self) -> bool {
+        matches!(
+            self,
+            Variant::Postgres | Variant::PostgresCached | Variant::AxumIdempotentPostgres
+        )
     }
 }
 
@@ -115,6 +142,8 @@ enum Cleanup {
     None,
     File(PathBuf),
     Table(PostgresLedger),
+    /// ruts' session table, on its own sqlx 0.8 pool.
+    PeerTable(sqlx08::PgPool, String),
 }
 
 /// The servers run on a runtime of their own (two workers named `bench-server`), apart from the
@@ -213,6 +242,22 @@ async fn start(variant: Variant, run: &str) -> Option<Server> {
         .expect("starting a server")
 }
 
+fn database_url() -> Option<String> {
+    std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty())
+}
+
+/// PostgreSQL's WAL position in bytes (`pg_current_wal_lsn()`): the difference around a run is
+/// the WAL the run wrote, with whatever else the cluster wrote meanwhile (other databases, other
+/// users of a shared server, autovacuum).
+async fn wal_position(pool: &tower_idempotency_sqlx::sqlx::PgPool) -> Option<f64> {
+    tower_idempotency_sqlx::sqlx::query_scalar::<_, f64>(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8",
+    )
+    .fetch_one(pool)
+    .await
+    .ok()
+}
+
 async fn start_here(variant: Variant, run: &str) -> Option<Server> {
     let (app, memory, cleanup) = match variant {
         Variant::Bare => (payments(), None, Cleanup::None),
@@ -227,17 +272,55 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
             ledger.migrate().await.expect("migrate SQLite");
             (layered(ledger), None, Cleanup::File(path))
         }
-        Variant::Postgres => {
-            let url = std::env::var("DATABASE_URL")
-                .ok()
-                .filter(|u| !u.is_empty())?;
+        Variant::Postgres | Variant::PostgresCached => {
+            let url = database_url()?;
             let ledger = PostgresLedger::connect(&url)
                 .await
                 .expect("connect to PostgreSQL")
                 .with_table(&format!("bench_{run}"))
                 .expect("a valid table name");
             ledger.migrate().await.expect("migrate PostgreSQL");
-            (layered(ledger.clone()), None, Cleanup::Table(ledger))
+            let app = if variant == Variant::PostgresCached {
+                layered(CachedLedger::new(ledger.clone()))
+            } else {
+                layered(ledger.clone())
+            };
+            (app, None, Cleanup::Table(ledger))
+        }
+        Variant::AxumIdempotentPostgres => {
+            use axum_idempotent::{IdempotentLayer, IdempotentOptions};
+            use ruts::{CookieOptions, SessionLayer, store::postgres::PostgresStore};
+            let url = database_url()?;
+            // As many connections as the PostgresLedger's default pool.
+            let pool = sqlx08::postgres::PgPoolOptions::new()
+                .max_connections(10)
+                .connect(&url)
+                .await
+                .expect("connect to PostgreSQL (sqlx 0.8)");
+            let table = format!("bench_sessions_{run}");
+            let store = ruts::store::postgres::PostgresStoreBuilder::new(pool.clone())
+                .table_name(table.clone())
+                .expect("a valid table name")
+                .create_table(true)
+                .build()
+                .await
+                .expect("ruts' PostgresStore");
+            let options = IdempotentOptions::default()
+                .use_idempotency_key_header(Some("Idempotency-Key"), true)
+                .expire_after(3600);
+            let app = Router::new()
+                .route("/session", get(start_session::<PostgresStore>))
+                .merge(payments().layer(IdempotentLayer::<PostgresStore>::new(options)))
+                .layer(
+                    SessionLayer::new(Arc::new(store)).with_cookie_options(
+                        CookieOptions::build()
+                            .name("session")
+                            .max_age(3600)
+                            .path("/"),
+                    ),
+                )
+                .layer(tower_cookies::CookieManagerLayer::new());
+            (app, None, Cleanup::PeerTable(pool, table))
         }
         Variant::Idempotent2 => {
             let store = idempotent::store::memory::MemoryStore::builder()
@@ -255,7 +338,7 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
                 .expire_after(3600);
             // The session route sits outside the idempotent layer, which requires a key.
             let app = Router::new()
-                .route("/session", get(start_session))
+                .route("/session", get(start_session::<MokaStore>))
                 .merge(payments().layer(IdempotentLayer::<MokaStore>::new(options)))
                 .layer(
                     SessionLayer::new(store).with_cookie_options(
@@ -304,6 +387,11 @@ impl Server {
                 .await;
                 ledger.pool().close().await;
             }
+            Cleanup::PeerTable(pool, table) => {
+                let drop = format!("DROP TABLE IF EXISTS \"{table}\"");
+                let _ = sqlx08::raw_sql(&drop).execute(&pool).await;
+                pool.close().await;
+            }
         }
     }
 }
@@ -343,10 +431,15 @@ struct Load {
     run: String,
     body: Bytes,
     counters: Arc<Counters>,
+    /// Set during the measured window: latencies are recorded only then.
+    measuring: AtomicBool,
     stop: Arc<AtomicBool>,
 }
 
-async fn connection(load: Arc<Load>, conn: usize) {
+/// Drives one keep-alive connection until stopped; returns the latencies (µs) of the requests
+/// that completed while `measuring` was set.
+async fn connection(load: Arc<Load>, conn: usize) -> Vec<u32> {
+    let mut latencies = Vec::new();
     let stream = tokio::net::TcpStream::connect(load.addr)
         .await
         .expect("connect");
@@ -358,7 +451,7 @@ async fn connection(load: Arc<Load>, conn: usize) {
     tokio::spawn(connection);
 
     let mut cookie = None;
-    if load.variant == Variant::AxumIdempotent {
+    if load.variant.needs_session() {
         let request = Request::get("/session")
             .header(header::HOST, "bench")
             .body(Full::new(Bytes::new()))
@@ -405,6 +498,7 @@ async fn connection(load: Arc<Load>, conn: usize) {
         if sender.ready().await.is_err() {
             break;
         }
+        let sent = Instant::now();
         let Ok(response) = sender.send_request(request).await else {
             break;
         };
@@ -417,11 +511,15 @@ async fn connection(load: Arc<Load>, conn: usize) {
         if response.into_body().collect().await.is_err() {
             break;
         }
+        if load.measuring.load(Ordering::Relaxed) {
+            latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        }
         if !ok {
             load.counters.unexpected.fetch_add(1, Ordering::Relaxed);
         }
         load.counters.done.fetch_add(1, Ordering::Relaxed);
     }
+    latencies
 }
 
 fn loadavg() -> String {
@@ -447,6 +545,20 @@ struct Measured {
     server_us: f64,
     unexpected: u64,
     load: String,
+    /// Latency percentiles of the measured requests, milliseconds.
+    p50_ms: f64,
+    p99_ms: f64,
+    /// PostgreSQL WAL bytes written per request during the measured window (PostgreSQL variants).
+    wal_per_req: Option<f64>,
+}
+
+/// The `q` quantile (0..=1) of sorted microsecond latencies, in milliseconds.
+fn quantile_ms(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * q).round() as usize;
+    f64::from(sorted[i]) / 1000.0
 }
 
 /// User + system CPU time of this process so far, from `/proc/self/stat` (fields 14 and 15).
@@ -483,13 +595,25 @@ async fn measure(
         run: run.to_owned(),
         body: body(),
         counters: Arc::default(),
+        measuring: AtomicBool::new(false),
         stop: Arc::default(),
     });
+    let wal_pool = match (variant.uses_postgres(), database_url()) {
+        (true, Some(url)) => tower_idempotency_sqlx::sqlx::PgPool::connect(&url)
+            .await
+            .ok(),
+        _ => None,
+    };
     let tasks: Vec<_> = (0..conns)
         .map(|c| tokio::spawn(connection(load.clone(), c)))
         .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let loadavg = loadavg();
+    let wal0 = match &wal_pool {
+        Some(pool) => wal_position(pool).await,
+        None => None,
+    };
+    load.measuring.store(true, Ordering::Relaxed);
     let (start, t0, c0, s0) = (
         load.counters.done.load(Ordering::Relaxed),
         Instant::now(),
@@ -504,11 +628,29 @@ async fn measure(
         cpu_time(),
         server_cpu_time(),
     );
+    load.measuring.store(false, Ordering::Relaxed);
+    let wal1 = match &wal_pool {
+        Some(pool) => wal_position(pool).await,
+        None => None,
+    };
     load.stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
     for task in tasks {
-        let _ = task.await;
+        if let Ok(mut l) = task.await {
+            latencies.append(&mut l);
+        }
+    }
+    latencies.sort_unstable();
+    if let Some(pool) = wal_pool {
+        pool.close().await;
     }
     Measured {
+        p50_ms: quantile_ms(&latencies, 0.50),
+        p99_ms: quantile_ms(&latencies, 0.99),
+        wal_per_req: match (wal0, wal1) {
+            (Some(a), Some(b)) => Some((b - a) / (end - start) as f64),
+            _ => None,
+        },
         rps: (end - start) as f64 / (t1 - t0).as_secs_f64(),
         per_cpu_sec: (end - start) as f64 / (c1 - c0).as_secs_f64(),
         server_us: (s1 - s0).as_secs_f64() * 1e6 / (end - start) as f64,
@@ -536,12 +678,14 @@ async fn compare() -> bool {
         Variant::Memory,
         Variant::Sqlite,
         Variant::Postgres,
+        Variant::PostgresCached,
         Variant::AxumIdempotent,
+        Variant::AxumIdempotentPostgres,
         Variant::Idempotent2,
     ];
-    if std::env::var("DATABASE_URL").map_or(true, |u| u.is_empty()) {
-        println!("DATABASE_URL is not set: PostgresLedger is left out");
-        variants.retain(|v| *v != Variant::Postgres);
+    if database_url().is_none() {
+        println!("DATABASE_URL is not set: the PostgreSQL variants are left out");
+        variants.retain(|v| !v.uses_postgres());
     }
     if let Ok(only) = std::env::var("BENCH_ONLY") {
         // Bare axum always stays: it is what the others are measured against.
@@ -560,7 +704,12 @@ async fn compare() -> bool {
     );
     let pid = std::process::id();
     let mut all_ok = true;
-    for path in [Path::Fresh, Path::Replay] {
+    let paths: Vec<Path> = match std::env::var("BENCH_PATHS").as_deref() {
+        Ok("fresh") => vec![Path::Fresh],
+        Ok("replay") => vec![Path::Replay],
+        _ => vec![Path::Fresh, Path::Replay],
+    };
+    for path in paths {
         // results[variant][round]
         let mut results: Vec<Vec<Row>> = vec![Vec::new(); variants.len()];
         let mut seq = 0usize;
@@ -600,6 +749,9 @@ async fn compare() -> bool {
                             cpu_ratio: m.per_cpu_sec / mean(|b| b.per_cpu_sec),
                             server_us: m.server_us,
                             server_ratio: mean(|b| b.server_us) / m.server_us,
+                            p50_ms: m.p50_ms,
+                            p99_ms: m.p99_ms,
+                            wal_per_req: m.wal_per_req,
                         };
                         print_row(path, round, variant.name(), &row, &m);
                         let bare = Row::bare(&after);
@@ -623,23 +775,47 @@ async fn compare() -> bool {
             path_tag(path)
         );
         println!(
-            "| variant | req/s | × bare (req/s) | req per CPU-second | × bare (CPU) | server µs/req | × bare (server CPU) |"
+            "| variant | req/s | × bare (req/s) | × axum-idempotent PG (req/s) | p50 ms | p99 ms | WAL B/req | req per CPU-second | × bare (CPU) | server µs/req | × bare (server CPU) |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|");
-        for (i, variant) in variants.iter().enumerate() {
-            let column = |f: fn(&Row) -> f64| {
-                let mut values: Vec<f64> = results[i].iter().map(f).collect();
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let column = |i: usize, f: fn(&Row) -> f64| {
+            let mut values: Vec<f64> = results[i].iter().map(f).collect();
+            if values.is_empty() {
+                f64::NAN
+            } else {
                 median(&mut values)
+            }
+        };
+        // The peer on the same database: its median req/s, for the "× peer" column.
+        let peer = variants
+            .iter()
+            .position(|v| *v == Variant::AxumIdempotentPostgres)
+            .map(|p| column(p, |r| r.rps));
+        for (i, variant) in variants.iter().enumerate() {
+            let wal = {
+                let mut values: Vec<f64> =
+                    results[i].iter().filter_map(|r| r.wal_per_req).collect();
+                if values.is_empty() {
+                    "–".to_owned()
+                } else {
+                    format!("{:.0}", median(&mut values))
+                }
             };
             println!(
-                "| {} | {:.0} | {:.3} | {:.0} | {:.3} | {:.1} | {:.3} |",
+                "| {} | {:.0} | {:.3} | {} | {:.2} | {:.2} | {wal} | {:.0} | {:.3} | {:.1} | {:.3} |",
                 variant.name(),
-                column(|r| r.rps),
-                column(|r| r.ratio),
-                column(|r| r.per_cpu_sec),
-                column(|r| r.cpu_ratio),
-                column(|r| r.server_us),
-                column(|r| r.server_ratio),
+                column(i, |r| r.rps),
+                column(i, |r| r.ratio),
+                peer.map_or("–".to_owned(), |p| format!(
+                    "{:.3}",
+                    column(i, |r| r.rps) / p
+                )),
+                column(i, |r| r.p50_ms),
+                column(i, |r| r.p99_ms),
+                column(i, |r| r.per_cpu_sec),
+                column(i, |r| r.cpu_ratio),
+                column(i, |r| r.server_us),
+                column(i, |r| r.server_ratio),
             );
         }
     }
@@ -657,6 +833,9 @@ struct Row {
     cpu_ratio: f64,
     server_us: f64,
     server_ratio: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    wal_per_req: Option<f64>,
 }
 
 impl Row {
@@ -668,21 +847,29 @@ impl Row {
             cpu_ratio: 1.0,
             server_us: m.server_us,
             server_ratio: 1.0,
+            p50_ms: m.p50_ms,
+            p99_ms: m.p99_ms,
+            wal_per_req: m.wal_per_req,
         }
     }
 }
 
 fn print_row(path: Path, round: usize, name: &str, row: &Row, m: &Measured) {
     println!(
-        "  {:<6} round {round}  {:<40} {:>7.0} req/s {:>5.3}x  {:>6.0} req/CPU-s {:>5.3}x  server {:>5.1} us/req {:>5.3}x  unexpected {}  load {}",
+        "  {:<6} round {round}  {:<47} {:>7.0} req/s {:>5.3}x  p50 {:>6.2} ms  p99 {:>6.2} ms  {:>6.0} req/CPU-s {:>5.3}x  server {:>5.1} us/req {:>5.3}x{}  unexpected {}  load {}",
         path_tag(path),
         name,
         row.rps,
         row.ratio,
+        row.p50_ms,
+        row.p99_ms,
         row.per_cpu_sec,
         row.cpu_ratio,
         row.server_us,
         row.server_ratio,
+        row.wal_per_req
+            .map(|w| format!("  WAL {w:.0} B/req"))
+            .unwrap_or_default(),
         m.unexpected,
         m.load
     );
@@ -711,6 +898,7 @@ async fn growth() -> bool {
         run: run.clone(),
         body: body(),
         counters: Arc::default(),
+        measuring: AtomicBool::new(false),
         stop: Arc::default(),
     });
     println!(
@@ -796,8 +984,10 @@ async fn main() {
         // One measurement, for a profiler: `one memory fresh`.
         "one" => {
             let arg = |n: usize| std::env::args().nth(n).unwrap_or_default();
-            let variant = Variant::parse(&arg(2))
-                .expect("a variant: bare, memory, sqlite, postgres, axum-idempotent");
+            let variant = Variant::parse(&arg(2)).expect(
+                "a variant: bare, memory, sqlite, postgres, postgres-cached, axum-idempotent, \
+                     axum-idempotent-pg, idempotent",
+            );
             let path = if arg(3) == "replay" {
                 Path::Replay
             } else {
@@ -810,10 +1000,15 @@ async fn main() {
             let m = measure(&server, variant, path, &run, conns, secs).await;
             server.stop().await;
             println!(
-                "{} {}: {:.0} req/s, server {:.1} us/req, unexpected {}, load {}",
+                "{} {}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, {}server {:.1} us/req, unexpected {}, load {}",
                 variant.name(),
                 path_tag(path),
                 m.rps,
+                m.p50_ms,
+                m.p99_ms,
+                m.wal_per_req
+                    .map(|w| format!("WAL {w:.0} B/req, "))
+                    .unwrap_or_default(),
                 m.server_us,
                 m.unexpected,
                 m.load

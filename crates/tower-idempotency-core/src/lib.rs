@@ -16,6 +16,7 @@
 //! its table down after each check, even a failed one.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod cache;
 mod error;
 pub mod fingerprint;
 mod key;
@@ -27,6 +28,7 @@ mod record;
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
+pub use cache::CachedLedger;
 pub use error::{BoxError, LedgerError};
 pub use fingerprint::Fingerprint;
 pub use key::{IdempotencyKey, KeyError, LedgerKey, MAX_KEY_LEN, ScopeDigest};

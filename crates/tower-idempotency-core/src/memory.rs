@@ -75,7 +75,7 @@ impl Entry {
 /// Both maps are keyed by values that are already uniformly random (SHA-256 digests, v4 UUIDs),
 /// so hashing them again with SipHash would be wasted work on the hot path: take 8 bytes.
 #[derive(Clone, Copy, Default)]
-struct KeyHasher;
+pub(crate) struct KeyHasher;
 
 impl BuildHasher for KeyHasher {
     type Hasher = PrefixHasher;
@@ -84,7 +84,7 @@ impl BuildHasher for KeyHasher {
     }
 }
 
-struct PrefixHasher(u64);
+pub(crate) struct PrefixHasher(u64);
 
 impl std::hash::Hasher for PrefixHasher {
     fn finish(&self) -> u64 {
@@ -236,6 +236,7 @@ impl Ledger for MemoryLedger {
                         return Ok(Claim::Existing(Existing {
                             fingerprint: entry.fingerprint,
                             operation_id: entry.operation_id,
+                            expires_in: Some(entry.expires_at - now),
                             state: match state {
                                 State::InProgress { .. } => RecordState::InProgress,
                                 State::Completed(response) => {

@@ -1,5 +1,7 @@
 //! What the ledger stores about a request, and what a claim returns.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use uuid::Uuid;
@@ -161,6 +163,10 @@ pub struct Existing {
     pub operation_id: OperationId,
     /// In progress or completed.
     pub state: RecordState,
+    /// How long the record had left before it expires, as the ledger saw it at this claim;
+    /// `None` when the ledger does not say. [`CachedLedger`](crate::CachedLedger) caches a
+    /// completed record only when this is known.
+    pub expires_in: Option<Duration>,
 }
 
 /// The result of [`Ledger::claim`](crate::Ledger::claim).

@@ -141,10 +141,16 @@ pub(crate) fn claim_reply(value: Value) -> Result<ClaimReply, LedgerError> {
             let fingerprint = fingerprint(next())?;
             let operation_id = operation_id(next())?;
             let (st, rs) = (next(), next());
+            // PTTL: milliseconds to the record's expiry (negative: none, or gone).
+            let expires_in = match next() {
+                Value::Int(ms) if ms >= 0 => Some(std::time::Duration::from_millis(ms as u64)),
+                _ => None,
+            };
             Ok(ClaimReply::Lost(Existing {
                 fingerprint,
                 operation_id,
                 state: state(st, rs)?,
+                expires_in,
             }))
         }
         other => Err(LedgerError::corrupt(format!(

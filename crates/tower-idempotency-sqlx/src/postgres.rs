@@ -133,7 +133,9 @@ impl Backend for Postgres {
             // branch returns a row and the caller runs the statement again.
             claim: sql(format!(
                 "WITH live AS ( \
-                   SELECT {columns} FROM {t} \
+                   SELECT {columns}, \
+                     (extract(epoch FROM expires_at - now()) * 1000)::bigint AS expires_in \
+                   FROM {t} \
                    WHERE key = $1 AND expires_at > now() AND NOT (state = '{IN_PROGRESS}' \
                      AND lease_until <= now() AND fingerprint = $3)), \
                  claimed AS ( \
@@ -152,9 +154,9 @@ impl Backend for Postgres {
                    WHERE r.expires_at <= now() OR (r.state = '{IN_PROGRESS}' \
                      AND r.lease_until <= now() AND r.fingerprint = excluded.fingerprint) \
                    RETURNING {columns}) \
-                 SELECT true AS won, {columns} FROM claimed \
+                 SELECT true AS won, {columns}, NULL::bigint AS expires_in FROM claimed \
                  UNION ALL \
-                 SELECT false, {columns} FROM live",
+                 SELECT false, {columns}, expires_in FROM live",
                 lease = from_now(6),
                 retention = from_now(7),
             )),

@@ -71,8 +71,8 @@ where
     })
 }
 
-/// The record a claim lost to, from its columns (`fingerprint`, `operation_id` and
-/// [`columns`]).
+/// The record a claim lost to, from its columns (`fingerprint`, `operation_id`, `expires_in`
+/// and [`columns`]).
 pub(crate) fn existing<R>(row: &R) -> Result<Existing, LedgerError>
 where
     R: Row,
@@ -82,12 +82,16 @@ where
     for<'a> Vec<u8>: Decode<'a, R::Database> + Type<R::Database>,
     for<'a> bool: Decode<'a, R::Database> + Type<R::Database>,
     for<'a> Uuid: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
 {
     let fingerprint_bytes: Vec<u8> = row.try_get("fingerprint").map_err(error)?;
+    // Milliseconds to the record's expiry, by the database's clock (for `CachedLedger`).
+    let expires_in: Option<i64> = row.try_get("expires_in").map_err(error)?;
     Ok(Existing {
         fingerprint: fingerprint(&fingerprint_bytes)?,
         operation_id: uuid(row, "operation_id")?,
         state: columns(row)?.into_state()?,
+        expires_in: expires_in.map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
     })
 }
 

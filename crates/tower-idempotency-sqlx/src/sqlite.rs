@@ -150,7 +150,8 @@ impl Backend for Sqlite {
             )),
         };
         let existing = sql(format!(
-            "SELECT fingerprint, operation_id, state, status, headers, body, body_omitted \
+            "SELECT fingerprint, operation_id, state, status, headers, body, body_omitted, \
+               expires_at - {NOW} AS expires_in \
              FROM {t} WHERE key = ?1 AND expires_at > {NOW}"
         ));
         (statements, ReadBack { existing })

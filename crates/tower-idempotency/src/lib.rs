@@ -112,7 +112,7 @@ pub use response::{IDEMPOTENT_REPLAY_BODY, IDEMPOTENT_REPLAYED};
 pub use service::Idempotency;
 pub use store_decision::DoNotStore;
 pub use tower_idempotency_core::{
-    self as core, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
+    self as core, CachedLedger, Fingerprint, IdempotencyKey, Ledger, LedgerError, MemoryLedger,
     TransactionalLedger, purge_periodically,
 };
 #[cfg(feature = "axum")]

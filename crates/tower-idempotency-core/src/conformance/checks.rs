@@ -148,6 +148,27 @@ pub async fn concurrent_claims_of_an_expired_record_have_one_winner<L: Ledger>(l
     );
 }
 
+/// A claim that finds a completed record reports how long the record has left
+/// ([`crate::Existing::expires_in`]): at most its retention, and more than nothing. A replay
+/// cache in front of the ledger serves the record no longer than that.
+pub async fn a_completed_record_reports_its_expiry<L: Ledger>(ledger: L) {
+    let first = long("k");
+    let lease = acquire(&ledger, &first).await;
+    let retention = Duration::from_secs(600);
+    ledger
+        .complete(&first.key, lease.token, &sample_response(b"ok"), retention)
+        .await
+        .expect("complete failed");
+    let found = existing(&ledger, &long("k")).await;
+    let left = found
+        .expires_in
+        .expect("the ledger did not report the record's expiry");
+    assert!(
+        left <= retention && left > Duration::from_secs(500),
+        "a record completed with {retention:?} of retention reported {left:?} left"
+    );
+}
+
 /// A wait on a record that is already completed returns at once: nothing will change it again,
 /// so a ledger that subscribes and sleeps would hold a `Wait` duplicate for its whole timeout.
 pub async fn a_wait_on_a_completed_record_returns_at_once<L: Ledger>(ledger: L) {

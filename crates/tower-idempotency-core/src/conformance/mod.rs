@@ -158,6 +158,7 @@ macro_rules! conformance_checks {
             concurrent_takeovers_have_one_winner,
             concurrent_claims_of_an_expired_record_have_one_winner,
             a_wait_on_a_completed_record_returns_at_once,
+            a_completed_record_reports_its_expiry,
             live_claim_is_in_progress,
             completed_claim_returns_response,
             wrong_token_is_fenced,

@@ -1,7 +1,8 @@
 -- KEYS[1] the record. ARGV: 1 scope, 2 fingerprint, 3 operation id, 4 token, 5 lease ms,
 -- 6 retention ms, 7 index prefix (or ''), 8 change channel.
 -- Replies {1, op} (a fresh record), {2, op} (a takeover, keeping the record's operation id)
--- or {0, fingerprint, op, state, response} (the record that holds the key; nothing written).
+-- or {0, fingerprint, op, state, response, ms to expiry} (the record that holds the key;
+-- nothing written).
 -- An expired record is already gone: Redis removed it at its PEXPIRE deadline.
 local rec = KEYS[1]
 local f = redis.call('HMGET', rec, 'st', 'lu', 'fp', 'op', 'rs', 'w')
@@ -18,7 +19,7 @@ if f[1] then
     end
     return {2, f[4]}
   end
-  return {0, f[3], f[4], f[1], f[5] or ''}
+  return {0, f[3], f[4], f[1], f[5] or '', redis.call('PTTL', rec)}
 end
 -- A hash without a state is not one of ours: start clean rather than merge into it.
 redis.call('DEL', rec)
