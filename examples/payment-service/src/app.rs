@@ -11,7 +11,9 @@ use axum::{
     routing::get,
 };
 use serde::Deserialize;
-use tower_idempotency::{ConfigError, IdempotencyLayer, InProgress, LedgerTx, Operation};
+use tower_idempotency::{
+    ConfigError, IdempotencyLayer, IdempotencyLayerBuilder, InProgress, Ledger, LedgerTx, Operation,
+};
 
 use crate::{
     auth::{self, Tenant},
@@ -85,6 +87,17 @@ pub fn idempotency_layer<L: PaymentLedger>(
     ledger: L,
     settings: &Settings,
 ) -> Result<IdempotencyLayer<L>, ConfigError> {
+    let builder = layer_builder(ledger, settings);
+    if settings.exactly_once {
+        builder.with_transactions()
+    } else {
+        builder
+    }
+    .build()
+}
+
+/// Everything of [`idempotency_layer`] but exactly-once mode, for any ledger.
+fn layer_builder<L: Ledger + Clone>(ledger: L, settings: &Settings) -> IdempotencyLayerBuilder<L> {
     let builder = IdempotencyLayer::builder(ledger)
         .with_scope(Tenant::scope)
         .with_json_canonicalization(true)
@@ -92,16 +105,10 @@ pub fn idempotency_layer<L: PaymentLedger>(
         .with_missing_key(tower_idempotency::MissingKey::Reject)
         .with_in_progress(settings.in_progress)
         .with_lease(settings.lease);
-    let builder = if settings.exactly_once {
-        builder.with_transactions()
-    } else {
-        builder
-    };
     match &settings.meter {
         Some(meter) => builder.with_meter(meter.clone()),
         None => builder,
     }
-    .build()
 }
 
 /// The whole service on `ledger` and `store`:
@@ -120,6 +127,41 @@ pub fn app<L: PaymentLedger>(
     settings: &Settings,
 ) -> Result<Router, crate::StartError> {
     let layer = idempotency_layer(ledger, settings)?;
+    let payments = if settings.exactly_once {
+        get(list_payments).post(create_payment_exactly_once::<L>)
+    } else {
+        get(list_payments).post(create_payment)
+    };
+    assemble(layer, payments, store, settings)
+}
+
+/// [`app`] on a ledger that is not transactional (Redis), whose payments `store` keeps apart:
+/// exactly-once mode is refused ([`StartError::NotTransactional`](crate::StartError)), since
+/// the payment and the stored response cannot commit together.
+pub fn app_on<L: Ledger + Clone>(
+    ledger: L,
+    store: Store,
+    settings: &Settings,
+) -> Result<Router, crate::StartError> {
+    if settings.exactly_once {
+        return Err(crate::StartError::NotTransactional);
+    }
+    let layer = layer_builder(ledger, settings).build()?;
+    assemble(
+        layer,
+        get(list_payments).post(create_payment),
+        store,
+        settings,
+    )
+}
+
+/// The routes around `payments` (the `/payments` route), behind `layer` and authentication.
+fn assemble<L: Ledger + Clone>(
+    layer: IdempotencyLayer<L>,
+    payments: axum::routing::MethodRouter<Arc<AppState>>,
+    store: Store,
+    settings: &Settings,
+) -> Result<Router, crate::StartError> {
     let state = Arc::new(AppState {
         store,
         processor: Processor::new(&settings.processor_url, settings.processor_timeout)?,
@@ -127,11 +169,6 @@ pub fn app<L: PaymentLedger>(
         pause_after_charge: settings.pause_after_charge,
         fail_insert_rate: settings.fail_insert_rate.clamp(0.0, 1.0),
     });
-    let payments = if settings.exactly_once {
-        get(list_payments).post(create_payment_exactly_once::<L>)
-    } else {
-        get(list_payments).post(create_payment)
-    };
     let protected = Router::new()
         .route("/payments", payments)
         .route("/payments/{id}", get(get_payment))

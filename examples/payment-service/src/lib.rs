@@ -53,6 +53,7 @@ pub mod storm;
 pub mod telemetry;
 
 use axum::Router;
+use tower_idempotency_redis::RedisLedger;
 use tower_idempotency_sqlx::{PostgresLedger, SqliteLedger};
 
 pub use app::{Settings, app};
@@ -61,13 +62,17 @@ pub use store::Store;
 /// The default database: a SQLite file in the working directory, created if missing.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://payment-service.db?mode=rwc";
 
-/// The database behind the service: the idempotency ledger and the `payments` table share it.
+/// The database behind the service: the idempotency ledger and the `payments` table share it,
+/// unless the ledger is on Redis.
 #[derive(Debug, Clone)]
 pub enum Database {
     /// SQLite: the ledger and the payments in one file.
     Sqlite(SqliteLedger),
     /// PostgreSQL: the ledger and the payments in one database.
     Postgres(PostgresLedger),
+    /// The ledger on Redis (one server or a Cluster), the payments in the SQL database `Store`
+    /// names. Not transactional: exactly-once mode is refused.
+    Redis(RedisLedger, Store),
 }
 
 /// Why the service could not start.
@@ -77,6 +82,21 @@ pub enum StartError {
     /// The database URL is neither `sqlite:` nor `postgres:`/`postgresql:`.
     #[error("unsupported database URL scheme (use sqlite:// or postgres://)")]
     UnsupportedUrl,
+    /// The ledger URL is neither the database's nor `redis://`.
+    #[error(
+        "unsupported ledger URL: use the database URL, or redis://HOST:PORT (a comma-separated \
+         list of redis:// URLs for a Redis Cluster)"
+    )]
+    UnsupportedLedgerUrl,
+    /// Exactly-once mode was asked for with a ledger that is not transactional (Redis).
+    #[error(
+        "exactly-once mode needs a transactional ledger (SQLite or PostgreSQL, the payments' own \
+         database); with a Redis ledger pass --exactly-once false"
+    )]
+    NotTransactional,
+    /// Connecting to the Redis ledger failed.
+    #[error("redis ledger: {0}")]
+    Redis(#[from] tower_idempotency_redis::redis::RedisError),
     /// Connecting or migrating failed.
     #[error("database: {0}")]
     Database(#[from] tower_idempotency_sqlx::sqlx::Error),
@@ -116,24 +136,50 @@ impl Database {
         match &database {
             Self::Sqlite(ledger) => ledger.migrate().await?,
             Self::Postgres(ledger) => ledger.migrate().await?,
+            Self::Redis(..) => {}
         }
         database.store().migrate().await?;
         Ok(database)
     }
 
-    /// The `payments` table, on the ledger's pool.
+    /// Moves the ledger to `ledger_url` when it names Redis: `redis://HOST:PORT` for one
+    /// server, a comma-separated list of `redis://` URLs for a Cluster. `None`, empty or the
+    /// database URL itself keep the ledger in the database. The payments stay where they are.
+    pub async fn with_ledger_url(
+        self,
+        database_url: &str,
+        ledger_url: Option<&str>,
+    ) -> Result<Self, StartError> {
+        let Some(url) = ledger_url.filter(|url| !url.is_empty() && *url != database_url) else {
+            return Ok(self);
+        };
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(StartError::UnsupportedLedgerUrl);
+        }
+        let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+        let ledger = if nodes.len() > 1 {
+            RedisLedger::connect_cluster(nodes).await?
+        } else {
+            RedisLedger::connect(url).await?
+        };
+        Ok(Self::Redis(ledger, self.store()))
+    }
+
+    /// The `payments` table, on the ledger's pool (or the SQL database's, with a Redis ledger).
     pub fn store(&self) -> Store {
         match self {
             Self::Sqlite(ledger) => Store::Sqlite(ledger.pool().clone()),
             Self::Postgres(ledger) => Store::Postgres(ledger.pool().clone()),
+            Self::Redis(_, store) => store.clone(),
         }
     }
 
-    /// `"sqlite"` or `"postgres"`.
+    /// Where the ledger is: `"sqlite"`, `"postgres"` or `"redis"`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Sqlite(_) => "sqlite",
             Self::Postgres(_) => "postgres",
+            Self::Redis(..) => "redis",
         }
     }
 
@@ -143,6 +189,7 @@ impl Database {
         Ok(match self {
             Self::Sqlite(ledger) => app(ledger.clone(), store, settings)?,
             Self::Postgres(ledger) => app(ledger.clone(), store, settings)?,
+            Self::Redis(ledger, _) => app::app_on(ledger.clone(), store, settings)?,
         })
     }
 }

@@ -57,6 +57,11 @@ struct Serve {
     /// The ledger's table, instead of idempotency_records.
     #[arg(long, env = "PAYMENT_SERVICE_LEDGER_TABLE")]
     ledger_table: Option<String>,
+    /// Where the idempotency ledger lives, if not in the database: redis://HOST:PORT, or a
+    /// comma-separated list of redis:// URLs for a Redis Cluster (the payments stay in the
+    /// database). Needs --exactly-once false: Redis cannot commit with the payments.
+    #[arg(long, env = "PAYMENT_SERVICE_LEDGER_URL")]
+    ledger_url: Option<String>,
     /// Exactly-once mode: write each payment in the idempotency ledger's transaction, so that
     /// the payment and its stored response commit together (false: the payment commits first,
     /// and a crash in between charges twice on retry).
@@ -279,7 +284,10 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
         exactly_once: args.exactly_once,
         pause_after_write: args.pause_after_write,
     };
-    let database = Database::connect(&args.database_url, args.ledger_table.as_deref()).await?;
+    let database = Database::connect(&args.database_url, args.ledger_table.as_deref())
+        .await?
+        .with_ledger_url(&args.database_url, args.ledger_url.as_deref())
+        .await?;
     let every = Duration::from_secs(args.purge_interval_secs.max(1));
     match &database {
         Database::Sqlite(ledger) => {
@@ -296,6 +304,8 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
                 PURGE_BATCH,
             ));
         }
+        // Redis expires its records itself: nothing to purge.
+        Database::Redis(..) => {}
     }
     let router = database.router(&settings)?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;

@@ -146,3 +146,118 @@ async fn storm_on_postgres_charges_each_payment_once() {
     assert_clean(&summary);
     assert!(summary.server_errors > 0, "{summary}");
 }
+
+/// Issue 15: two service instances share one Redis ledger (the payments in one SQLite file)
+/// behind a round-robin load balancer, so the storm's concurrent duplicates of a payment, each
+/// on a connection of its own, land on both instances. No double charge, no lost payment, one
+/// charge per payment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sharing_a_redis_ledger_charge_each_payment_once() {
+    let Ok(redis_url) = std::env::var("REDIS_URL") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("REDIS_URL must be set in CI: the Redis storm cannot be skipped");
+        }
+        println!("SKIPPED two_instances_sharing_a_redis_ledger: REDIS_URL is not set");
+        return;
+    };
+    let file = TempDb(std::env::temp_dir().join(format!(
+        "payment-service-redis-{}.db",
+        uuid::Uuid::new_v4().simple()
+    )));
+    let processor_db = TempDb(std::env::temp_dir().join(format!(
+        "payment-processor-redis-{}.db",
+        uuid::Uuid::new_v4().simple()
+    )));
+    let processor_url = card_processor::spawn(
+        &format!("sqlite://{}?mode=rwc", processor_db.0.display()),
+        flaky(0.1),
+    )
+    .await
+    .unwrap();
+    let settings = Settings {
+        processor_url,
+        exactly_once: false,
+        ..Settings::default()
+    };
+    let url = format!("sqlite://{}?mode=rwc", file.0.display());
+    let mut tasks = Vec::new();
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let database = Database::connect(&url, None)
+            .await
+            .unwrap()
+            .with_ledger_url(&url, Some(&redis_url))
+            .await
+            .unwrap();
+        assert_eq!(database.kind(), "redis");
+        let router = database.router(&settings).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        instances.push(listener.local_addr().unwrap());
+        tasks.push(tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        }));
+    }
+    // The load balancer: each new connection goes to the next instance.
+    let balancer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = balancer.local_addr().unwrap();
+    let served = std::sync::Arc::new([
+        std::sync::atomic::AtomicUsize::new(0),
+        std::sync::atomic::AtomicUsize::new(0),
+    ]);
+    tasks.push(tokio::spawn({
+        let served = served.clone();
+        async move {
+            let mut next = 0;
+            while let Ok((mut client, _)) = balancer.accept().await {
+                let instance = instances[next % 2];
+                served[next % 2].fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                next += 1;
+                tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect(instance).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }
+    }));
+
+    let mut config = storm::Config::new(format!("http://{addr}"));
+    config.payments = PAYMENTS;
+    config.duplicates = 6;
+    config.drop_rate = 0.2;
+    config.drop_after = Duration::from_millis(40);
+    config.concurrency = 8;
+    let summary = storm::run(config).await.unwrap();
+    for task in tasks {
+        task.abort();
+    }
+    println!("{summary}");
+    assert_clean(&summary);
+    for (i, count) in served.iter().enumerate() {
+        let count = count.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(count > 10, "instance {i} served {count} connections");
+    }
+}
+
+/// A Redis ledger cannot commit with the payments: exactly-once mode is refused at start.
+#[tokio::test]
+async fn exactly_once_on_a_redis_ledger_is_refused() {
+    let Ok(redis_url) = std::env::var("REDIS_URL") else {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("REDIS_URL must be set in CI");
+        }
+        println!("SKIPPED exactly_once_on_a_redis_ledger_is_refused: REDIS_URL is not set");
+        return;
+    };
+    let database = Database::connect("sqlite::memory:", None)
+        .await
+        .unwrap()
+        .with_ledger_url("sqlite::memory:", Some(&redis_url))
+        .await
+        .unwrap();
+    let refused = database.router(&Settings::default());
+    assert!(
+        matches!(refused, Err(payment_service::StartError::NotTransactional)),
+        "{refused:?}"
+    );
+}
