@@ -705,3 +705,39 @@ async fn postgres_a_replay_claim_locks_nothing_and_writes_nothing() {
     ));
     table.drop().await;
 }
+
+/// Issue 18: on SQLite too, a replay's claim reads and writes nothing, so it does not wait for
+/// the database's write lock: here another connection holds it (`BEGIN IMMEDIATE`) for longer
+/// than the test waits, and the replay still answers. A fresh claim, which must write, waits.
+#[tokio::test]
+async fn sqlite_a_replay_claim_does_not_wait_for_the_write_lock() {
+    let ledger = common::sqlite_file_ledger().await;
+    let first = completed(&ledger, "replay").await;
+    let mut writer = ledger.pool().acquire().await.expect("a connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *writer)
+        .await
+        .expect("take the write lock");
+    let replay = tokio::time::timeout(Duration::from_secs(3), ledger.claim(&first))
+        .await
+        .expect("the replay's claim waited for the write lock");
+    assert!(matches!(
+        replay,
+        Ok(Claim::Existing(tower_idempotency_core::Existing {
+            state: RecordState::Completed(_),
+            ..
+        }))
+    ));
+    let fresh = request("fresh", "body");
+    let blocked = tokio::time::timeout(Duration::from_millis(300), ledger.claim(&fresh)).await;
+    assert!(
+        blocked.is_err(),
+        "a fresh claim wrote past a held write lock"
+    );
+    sqlx::query("ROLLBACK")
+        .execute(&mut *writer)
+        .await
+        .expect("release the write lock");
+    drop(writer);
+    assert!(matches!(ledger.claim(&fresh).await, Ok(Claim::Acquired(_))));
+}

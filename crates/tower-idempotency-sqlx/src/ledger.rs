@@ -22,6 +22,10 @@ use crate::{
 /// How often a claim runs again when the record it lost to changed before it could be reported.
 const CLAIM_ATTEMPTS: usize = 8;
 
+/// How long a write waits for its turn on a one-writer database before it fails: as long as
+/// SQLite's own busy timeout.
+const WRITE_TURN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A ledger in a SQL table: [`SqliteLedger`](crate::SqliteLedger) or
 /// [`PostgresLedger`](crate::PostgresLedger), whose docs describe each. Cloning is cheap and
 /// shares the pool.
@@ -30,6 +34,8 @@ pub struct SqlLedger<DB: Backend> {
     pub(crate) table: TableName,
     pub(crate) sql: Arc<Statements>,
     pub(crate) extra: Arc<DB::Extra>,
+    /// One turn to write, on a one-writer database ([`Backend::ONE_WRITER`]).
+    writer: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl<DB: Backend> Clone for SqlLedger<DB> {
@@ -39,6 +45,7 @@ impl<DB: Backend> Clone for SqlLedger<DB> {
             table: self.table.clone(),
             sql: self.sql.clone(),
             extra: self.extra.clone(),
+            writer: self.writer.clone(),
         }
     }
 }
@@ -66,6 +73,23 @@ impl<DB: Backend> SqlLedger<DB> {
             table,
             sql: Arc::new(sql),
             extra: Arc::new(extra),
+            writer: DB::ONE_WRITER.then(|| Arc::new(tokio::sync::Semaphore::new(1))),
+        }
+    }
+
+    /// Waits for this process's turn to write on a one-writer database (a tokio semaphore is
+    /// first come, first served), at most [`WRITE_TURN_TIMEOUT`]; elsewhere, at once.
+    async fn write_turn(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, LedgerError> {
+        let Some(writer) = &self.writer else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(WRITE_TURN_TIMEOUT, writer.acquire()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            Ok(Err(closed)) => Err(LedgerError::backend(closed)),
+            Err(_) => Err(LedgerError::backend(format!(
+                "no turn to write on the {} ledger within {WRITE_TURN_TIMEOUT:?}",
+                DB::KIND
+            ))),
         }
     }
 
@@ -232,6 +256,10 @@ where
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
+        if let Some(live) = DB::live_record(self, request).await? {
+            return Ok(live);
+        }
+        let _turn = self.write_turn().await?;
         for _ in 0..CLAIM_ATTEMPTS {
             let found = self
                 .claim_query(request)
@@ -254,11 +282,13 @@ where
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<(), LedgerError> {
+        let _turn = self.write_turn().await?;
         self.complete_on(&self.pool, key, token, response, retention)
             .await
     }
 
     async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
+        let _turn = self.write_turn().await?;
         let done = sqlx::query(self.sql.release.clone())
             .bind(&key.as_bytes()[..])
             .bind(token.as_uuid())
@@ -274,6 +304,7 @@ where
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), LedgerError> {
+        let _turn = self.write_turn().await?;
         let done = sqlx::query(self.sql.renew.clone())
             .bind(&key.as_bytes()[..])
             .bind(token.as_uuid())
@@ -304,6 +335,8 @@ where
         let limit = i64::try_from(batch).unwrap_or(i64::MAX);
         let mut purged = 0;
         loop {
+            // A turn per batch, so that claims get theirs in between.
+            let _turn = self.write_turn().await?;
             let done = sqlx::query(self.sql.purge.clone())
                 .bind(limit)
                 .execute(&self.pool)

@@ -79,12 +79,15 @@ const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 #[derive(Debug)]
 pub struct ReadBack {
     existing: SqlStr,
+    /// The record a claim cannot take (`1` key, `2` fingerprint), read before claiming.
+    live: SqlStr,
 }
 
 impl Backend for Sqlite {
     const KIND: &'static str = "sqlite";
     const LEDGER: &'static str = "SqliteLedger";
     const SCHEMAS: bool = false;
+    const ONE_WRITER: bool = true;
     const MIGRATIONS: &'static [(&'static str, &'static str)] = &[(
         "0001_create_records",
         include_str!("../migrations/sqlite/0001_create_records.sql"),
@@ -154,7 +157,15 @@ impl Backend for Sqlite {
                expires_at - {NOW} AS expires_in \
              FROM {t} WHERE key = ?1 AND expires_at > {NOW}"
         ));
-        (statements, ReadBack { existing })
+        // What `live_record` reads: a record within its retention that is not a lapsed lease
+        // with this request's fingerprint (which the claim would take over).
+        let live = sql(format!(
+            "SELECT fingerprint, operation_id, state, status, headers, body, body_omitted, \
+               expires_at - {NOW} AS expires_in \
+             FROM {t} WHERE key = ?1 AND expires_at > {NOW} \
+               AND NOT (state = '{IN_PROGRESS}' AND lease_until <= {NOW} AND fingerprint = ?2)"
+        ));
+        (statements, ReadBack { existing, live })
     }
 
     fn rows_affected(done: &SqliteQueryResult) -> u64 {
@@ -165,6 +176,23 @@ impl Backend for Sqlite {
 
     async fn before_migrations(_: &mut Self::Connection, _: &TableName) -> Result<(), sqlx::Error> {
         Ok(())
+    }
+
+    /// A replay, a 409 or a 422 reads its record and writes nothing: no turn in the writer
+    /// queue, no write lock. A claim that finds nothing goes on to the `INSERT`, whose
+    /// `ON CONFLICT .. WHERE` still decides atomically if another claim got there in between.
+    async fn live_record(
+        ledger: &SqliteLedger,
+        request: &ClaimRequest,
+    ) -> Result<Option<Claim>, LedgerError> {
+        sqlx::query(ledger.extra.live.clone())
+            .bind(&request.key.as_bytes()[..])
+            .bind(&request.fingerprint.as_bytes()[..])
+            .fetch_optional(&ledger.pool)
+            .await
+            .map_err(row::error)?
+            .map(|found| Ok(Claim::Existing(row::existing(&found)?)))
+            .transpose()
     }
 
     async fn claimed(
