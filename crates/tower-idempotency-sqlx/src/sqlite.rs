@@ -29,6 +29,15 @@ use crate::{
 /// by the processes of one machine, which share a clock. (The PostgreSQL ledger, shared by many
 /// machines, uses the database's clock the same way.)
 ///
+/// # One writer
+///
+/// SQLite has one writer at a time. A claim first reads the record it cannot take, so a replay,
+/// a 409 or a 422 writes nothing and never waits for the write lock. The ledger's own writes
+/// (claim, complete, release, renew, each purge batch) then take one turn at a time in the
+/// process, first come first served, rather than each retrying in SQLite's busy handler, whose
+/// sleeps grow to 100 ms; a turn not had within 5 s is a ledger error. Another process on the
+/// same file, and exactly-once transactions, still meet at SQLite's lock and its busy timeout.
+///
 /// # Connections
 ///
 /// [`connect`](Self::connect) sets up the pool for you: WAL journal, a 5 s busy timeout, and for
