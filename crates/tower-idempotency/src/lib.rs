@@ -76,6 +76,7 @@ mod transaction;
 
 pub use body::ResponseBody;
 pub use builder::{ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey};
+pub use capture::Streaming;
 pub use config::is_stored_by_default;
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;

@@ -21,7 +21,7 @@ use crate::{
     answer::{answer, handler_failed, ledger_failed, reject, unavailable},
     body::ResponseBody,
     builder::InProgress,
-    capture::{Collected, collect},
+    capture::{Collected, collect, is_streaming},
     config::{Config, Shared},
     duplicate::settle_existing,
     future::{Phase, ResponseFuture},
@@ -322,7 +322,9 @@ where
             let mut handler = std::pin::pin!(
                 AssertUnwindSafe(inner.call(request).map_ok(Response::into_parts).and_then(
                     move |(parts, body)| {
-                        collect(body, store_limit).map(move |collected| Ok((parts, collected)))
+                        let streaming = is_streaming(&parts);
+                        collect(body, store_limit, streaming)
+                            .map(move |collected| Ok((parts, collected)))
                     }
                 ))
                 .catch_unwind()
@@ -345,6 +347,8 @@ where
             Collected::Over(read, rest) => {
                 (ResponseBody::over_limit(read, rest), Bytes::new(), true)
             }
+            // Recorded with its head alone, so that the key completes before the stream ends.
+            Collected::Streaming(body) => (ResponseBody::stream(body), Bytes::new(), true),
             Collected::Failed(error) => {
                 tracing::error!(%error, "the idempotent handler's response body failed; releasing its key");
                 Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;
