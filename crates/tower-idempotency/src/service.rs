@@ -319,8 +319,11 @@ where
         let (parts, collected) = {
             let store_limit = config.store_limit;
             let request = Request::from_parts(*parts, ReqBody::from(body));
+            // `call` itself runs inside the caught future: a service that panics before
+            // returning its future must release the key too.
+            let call = futures_util::future::lazy(move |_| inner.call(request)).flatten();
             let mut handler = std::pin::pin!(
-                AssertUnwindSafe(inner.call(request).map_ok(Response::into_parts).and_then(
+                AssertUnwindSafe(call.map_ok(Response::into_parts).and_then(
                     move |(parts, body)| {
                         let streaming = is_streaming(&parts);
                         collect(body, store_limit, streaming)

@@ -110,3 +110,36 @@ async fn a_handler_can_mark_its_response_as_streaming() {
     let runs = Runs::default();
     assert_streams(events(&runs, "application/octet-stream", true), &runs).await;
 }
+
+/// A service whose `call` panics before it returns a future: the panic is caught like a panic
+/// inside the handler's future, so the key is released and a retry runs.
+#[tokio::test]
+async fn a_service_that_panics_in_call_releases_the_key() {
+    let runs = Runs::default();
+    let counted = runs.clone();
+    let service = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryLedger::new()))
+        .service(tower::service_fn(move |_: Request<Body>| {
+            if counted.bump() == 1 {
+                panic!("a synchronous panic in call (test)");
+            }
+            async { Ok::<_, Infallible>(Response::new(Body::from("charged"))) }
+        }));
+    // In a task of its own, so that an escaping panic fails this test instead of aborting it.
+    let first = tokio::spawn(service.clone().oneshot(pay("sync-panic", "{}")))
+        .await
+        .expect("the panic in call is caught by the layer")
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let retry = tokio::time::timeout(
+        Duration::from_secs(2),
+        service.clone().oneshot(pay("sync-panic", "{}")),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(retry.status(), StatusCode::OK, "the key was released");
+    let body = retry.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "charged");
+    assert_eq!(runs.get(), 2);
+}
