@@ -30,7 +30,9 @@
 //! 404: no operation with this id in the caller's scope.
 //!
 //! # ledger-unavailable
-//! 503: the idempotency ledger could not be reached, so the request was not run.
+//! 503: the idempotency ledger could not be reached, so the request was not run; or, in
+//! exactly-once mode, committing the handler's writes with the result failed, and the commit
+//! may or may not have landed. Either way, retry with the same key.
 //!
 //! # handler-failed
 //! 500: the handler panicked or its response body failed; the key was released, so a retry runs

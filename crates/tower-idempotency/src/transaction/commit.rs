@@ -7,7 +7,7 @@ use tower_idempotency_core::{FencingToken, Ledger, LedgerKey, StoredResponse};
 use super::{TxError, TxHandle};
 use crate::{
     Outcome,
-    answer::{answer, handler_failed, reject, unavailable},
+    answer::{answer, handler_failed, reject},
     body::ResponseBody,
     config::Shared,
     lease::release,
@@ -56,13 +56,19 @@ pub(crate) async fn commit<L: Ledger, B>(
             answer(shared, Outcome::Executed, handler_failed(shared))
         }
         Err(TxError::Ledger(error)) => {
-            tracing::error!(%error, "committing the handler's transaction failed; nothing was written");
+            // A commit whose answer was lost may have landed. Releasing is safe either way: it
+            // frees only a key still in progress under this token, so a landed commit keeps
+            // its stored response, and the retry gets it.
+            tracing::error!(%error, "committing the handler's transaction failed; it may or may not have landed");
             release(shared, key, token).await;
-            reject(
-                shared,
-                Outcome::LedgerError,
-                unavailable(config.retry_after_secs()),
+            let rejection = Rejection::new(
+                RejectionKind::LedgerUnavailable,
+                "recording the result failed; the request's writes may or may not have been \
+                 committed. Retry with the same key: if they were, the retry gets the stored \
+                 response; if not, the request runs again",
             )
+            .retry_after(config.retry_after_secs());
+            reject(shared, Outcome::LedgerError, rejection)
         }
     }
 }
