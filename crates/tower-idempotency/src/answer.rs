@@ -78,3 +78,14 @@ pub(crate) fn handler_failed<B>(shared: &Shared<impl Ledger>) -> Response<Respon
     );
     render(&*shared.config.responder, &rejection).map(ResponseBody::full)
 }
+
+/// The handler answered with a success head, then its body failed: what is stored and answered
+/// instead (see `problem`'s `outcome-unknown`).
+pub(crate) fn outcome_unknown(shared: &Shared<impl Ledger>) -> Response<bytes::Bytes> {
+    let rejection = Rejection::new(
+        RejectionKind::OutcomeUnknown,
+        "the request was processed with a success status, then its response failed; its effects \
+         may be done, so it will not run again with this key",
+    );
+    render(&*shared.config.responder, &rejection)
+}

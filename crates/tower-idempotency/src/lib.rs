@@ -43,7 +43,8 @@
 //!    own rather than stopping),
 //!    renewing its lease every third of the lease; its response is stored with the token (a
 //!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic
-//!    or a failed body, the key is released so that a retry runs again.
+//!    or a body that fails behind an error head, the key is released so that a retry runs
+//!    again (a body that fails behind a success head stores a 500 `outcome-unknown` instead).
 //! 4. Everyone else gets the replay, 409/202/a wait, or 422, as above.
 //!
 //! # Features

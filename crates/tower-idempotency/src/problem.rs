@@ -37,6 +37,11 @@
 //! # handler-failed
 //! 500: the handler panicked or its response body failed; the key was released, so a retry runs
 //! the handler again.
+//!
+//! # outcome-unknown
+//! 500: the handler answered with a success status, then its response body failed. Its side
+//! effects may well be done, so this answer is stored and replayed to every retry with the same
+//! key: check the resource's state, or send a new request with a new key.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -72,6 +77,8 @@ pub enum RejectionKind {
     LedgerUnavailable,
     /// The handler panicked, or its response body failed.
     HandlerFailed,
+    /// The handler answered with a success status, then its response body failed.
+    OutcomeUnknown,
 }
 
 impl RejectionKind {
@@ -88,6 +95,7 @@ impl RejectionKind {
             Self::OperationNotFound => "operation-not-found",
             Self::LedgerUnavailable => "ledger-unavailable",
             Self::HandlerFailed => "handler-failed",
+            Self::OutcomeUnknown => "outcome-unknown",
         }
     }
 
@@ -101,7 +109,7 @@ impl RejectionKind {
             Self::Accepted => StatusCode::ACCEPTED,
             Self::OperationNotFound => StatusCode::NOT_FOUND,
             Self::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::HandlerFailed | Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -118,6 +126,7 @@ impl RejectionKind {
             Self::OperationNotFound => "Operation not found",
             Self::LedgerUnavailable => "Idempotency ledger unavailable",
             Self::HandlerFailed => "Request failed",
+            Self::OutcomeUnknown => "Outcome unknown",
         }
     }
 }

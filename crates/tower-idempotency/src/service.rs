@@ -18,7 +18,7 @@ use tracing::{Instrument, field::Empty};
 
 use crate::{
     Outcome,
-    answer::{answer, handler_failed, ledger_failed, reject, unavailable},
+    answer::{answer, handler_failed, ledger_failed, outcome_unknown, reject, unavailable},
     body::ResponseBody,
     builder::InProgress,
     capture::{Collected, collect, is_streaming},
@@ -352,6 +352,20 @@ where
             }
             // Recorded with its head alone, so that the key completes before the stream ends.
             Collected::Streaming(body) => (ResponseBody::stream(body), Bytes::new(), true),
+            // After a success head the handler's side effects are likely done: outside
+            // exactly-once mode (where they roll back) a retry must not run them again.
+            Collected::Failed(error)
+                if transaction.is_none()
+                    && parts.status.is_success()
+                    && config.should_store(parts.status) =>
+            {
+                tracing::error!(%error, "the idempotent handler's response body failed after a success head; storing outcome-unknown");
+                let (parts, body) = outcome_unknown(&shared).into_parts();
+                let stored = to_stored(&parts, body.clone(), false, &config.deny_headers);
+                complete(&shared, &ledger_key, token, &stored).await;
+                let response = Response::from_parts(parts, ResponseBody::full(body));
+                return Ok(answer(&shared, Outcome::Executed, response));
+            }
             Collected::Failed(error) => {
                 tracing::error!(%error, "the idempotent handler's response body failed; releasing its key");
                 Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;

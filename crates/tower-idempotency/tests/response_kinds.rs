@@ -143,3 +143,64 @@ async fn a_service_that_panics_in_call_releases_the_key() {
     assert_eq!(body, "charged");
     assert_eq!(runs.get(), 2);
 }
+
+/// A body that sends `first`, then fails.
+fn failing_after(first: &'static str) -> Body {
+    let frames: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from(first)),
+        Err(std::io::Error::other(
+            "the connection to the card network dropped (test)",
+        )),
+    ];
+    Body::from_stream(futures_util::stream::iter(frames))
+}
+
+fn failing_body_app(runs: &Runs, status: StatusCode) -> Router {
+    let runs = runs.clone();
+    Router::new()
+        .route(
+            "/payments",
+            post(move || {
+                runs.bump();
+                async move {
+                    Response::builder()
+                        .status(status)
+                        .body(failing_after("{\"id\":"))
+                        .unwrap()
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::new(MemoryLedger::new()))
+}
+
+/// The handler answered 201, so its side effects are done, and then its body failed. Running it
+/// again could charge twice: the key keeps a 500 "outcome unknown", replayed to every retry.
+#[tokio::test]
+async fn a_body_that_fails_after_a_success_head_stores_outcome_unknown() {
+    let runs = Runs::default();
+    let app = failing_body_app(&runs, StatusCode::CREATED);
+    let (first, body) = send(&app, pay("fail-after-201", "{}")).await;
+    assert_problem(&first, &body, 500, "outcome-unknown", "fail-after-201");
+    let (retry, retry_body) = send(&app, pay("fail-after-201", "{}")).await;
+    assert_problem(
+        &retry,
+        &retry_body,
+        500,
+        "outcome-unknown",
+        "fail-after-201",
+    );
+    assert!(is_replay(&retry), "the retry is a replay, not a second run");
+    assert_eq!(runs.get(), 1);
+}
+
+/// A failed body behind an error head (nothing was done): the key is released, as before.
+#[tokio::test]
+async fn a_body_that_fails_after_an_error_head_releases_the_key() {
+    let runs = Runs::default();
+    let app = failing_body_app(&runs, StatusCode::UNPROCESSABLE_ENTITY);
+    let (first, body) = send(&app, pay("fail-after-422", "{}")).await;
+    assert_problem(&first, &body, 500, "handler-failed", "fail-after-422");
+    let (retry, _) = send(&app, pay("fail-after-422", "{}")).await;
+    assert!(!is_replay(&retry));
+    assert_eq!(runs.get(), 2);
+}
