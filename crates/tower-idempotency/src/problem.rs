@@ -27,7 +27,9 @@
 //! 202 (not an error): a request with this key is running; poll `Location`.
 //!
 //! # operation-not-found
-//! 404: no operation with this id in the caller's scope.
+//! 404: no operation with this id in the caller's scope: it never existed, or it was released
+//! (its request failed and was not recorded) or expired. Whoever sent the request may send it
+//! again with the same key.
 //!
 //! # ledger-unavailable
 //! 503: the idempotency ledger could not be reached, so the request was not run; or, in

@@ -204,3 +204,70 @@ async fn a_body_that_fails_after_an_error_head_releases_the_key() {
     assert!(!is_replay(&retry));
     assert_eq!(runs.get(), 2);
 }
+
+/// A holder that crashed leaves its claim in progress until retention ends; the operation
+/// resource says so (`abandoned`, send again with the same key) once its lease lapsed, instead
+/// of `in_progress` for a day. A released or unknown operation's 404 says what it may mean.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn the_operation_resource_reports_a_lapsed_lease_as_abandoned() {
+    use tower_idempotency::{
+        Fingerprint, IdempotencyKey, Ledger,
+        core::{Claim, ClaimRequest, LedgerKey, ScopeDigest},
+    };
+    let ledger = MemoryLedger::new();
+    let layer = IdempotencyLayer::builder(ledger.clone())
+        .unscoped()
+        .build()
+        .unwrap();
+    let app: Router = Router::new().merge(layer.operation_router());
+    // A request that claimed its key and then crashed: nothing will complete or release it.
+    let key = IdempotencyKey::parse(b"crashed").unwrap();
+    let claim = ClaimRequest::new(
+        LedgerKey::new(b"", &key),
+        ScopeDigest::new(b""),
+        Fingerprint::of(b"body"),
+        Duration::from_millis(200),
+        Duration::from_secs(3600),
+    );
+    let Claim::Acquired(lease) = ledger.claim(&claim).await.unwrap() else {
+        panic!("the key was free");
+    };
+    let status = |id: String| {
+        let app = app.clone();
+        async move {
+            let request = Request::get(format!("/operations/{id}"))
+                .body(Body::empty())
+                .unwrap();
+            let (response, body) = send(&app, request).await;
+            let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            (response, json)
+        }
+    };
+    let (live, json) = status(lease.operation_id.to_string()).await;
+    assert_eq!(
+        (live.status(), &json["status"]),
+        (StatusCode::OK, &"in_progress".into())
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (lapsed, json) = status(lease.operation_id.to_string()).await;
+    assert_eq!(lapsed.status(), StatusCode::OK);
+    assert_eq!(json["status"], "abandoned", "{json}");
+    assert!(
+        json["detail"].as_str().unwrap().contains("same key"),
+        "{json}"
+    );
+
+    let (gone, json) = status(uuid_like()).await;
+    assert_eq!(gone.status(), StatusCode::NOT_FOUND);
+    let detail = json["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("released") && detail.contains("same key"),
+        "{json}"
+    );
+}
+
+#[cfg(feature = "axum")]
+fn uuid_like() -> String {
+    "9f0c1a52-3b7e-4c1d-8e2f-5a6b7c8d9e0f".to_owned()
+}
