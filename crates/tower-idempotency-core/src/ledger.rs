@@ -115,7 +115,9 @@ pub trait Ledger: Send + Sync + 'static {
         lease: Duration,
     ) -> impl Future<Output = Result<(), LedgerError>> + Send;
 
-    /// The state of operation `id`, if it exists, has not expired, and belongs to `scope`.
+    /// The state of operation `id`, if it exists, has not expired, and belongs to `scope`: a
+    /// record in progress whose lease has lapsed (by the ledger's clock) is
+    /// [`RecordState::Abandoned`], never [`InProgress`](RecordState::InProgress).
     fn operation(
         &self,
         scope: &ScopeDigest,

@@ -339,11 +339,15 @@ impl Ledger for MemoryLedger {
             return Ok(None);
         };
         let records = self.records(&key);
+        let now = Instant::now();
         Ok(records
             .get(&key)
             .filter(|e| e.operation_id == id && e.scope == *scope)
-            .filter(|e| e.expires_at > Instant::now())
+            .filter(|e| e.expires_at > now)
             .map(|e| match &e.state {
+                State::InProgress { lease_until, .. } if *lease_until <= now => {
+                    RecordState::Abandoned
+                }
                 State::InProgress { .. } => RecordState::InProgress,
                 State::Completed(response) => RecordState::Completed(response.clone()),
             }))

@@ -147,9 +147,14 @@ pub struct Lease {
 /// resource reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecordState {
-    /// Another request holds the key (a live lease, or one that expired and that nobody has
-    /// taken over yet).
+    /// Another request holds the key (a live lease, or, in a claim's answer, one that expired
+    /// and that nobody has taken over yet).
     InProgress,
+    /// Only from [`Ledger::operation`](crate::Ledger::operation): the request that holds the
+    /// key let its lease lapse (its process crashed or stalled) and nobody has taken it over.
+    /// Its handler may or may not have run; the client should send the request again with the
+    /// same key, which takes the key over.
+    Abandoned,
     /// The key completed; this is the response to replay.
     Completed(StoredResponse),
 }

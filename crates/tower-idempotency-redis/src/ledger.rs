@@ -617,9 +617,15 @@ impl Ledger for RedisLedger {
                 ));
             }
             let mut hmget = redis::cmd("HMGET");
-            hmget.arg(&record).arg("sc").arg("op").arg("st").arg("rs");
+            hmget
+                .arg(&record)
+                .arg("sc")
+                .arg("op")
+                .arg("st")
+                .arg("rs")
+                .arg("lu");
             let fields: Vec<Value> = self.inner.connection.query(&hmget).await.map_err(error)?;
-            let [sc, op, st, rs]: [Value; 4] = fields
+            let [sc, op, st, rs, lu]: [Value; 5] = fields
                 .try_into()
                 .map_err(|_| LedgerError::corrupt("HMGET returned the wrong number of fields"))?;
             let Some(sc) = codec::bytes(sc, "scope")? else {
@@ -628,7 +634,30 @@ impl Ledger for RedisLedger {
             if sc[..] != scope.as_bytes()[..] || codec::operation_id(op)? != id {
                 return Ok(None);
             }
-            codec::state(st, rs).map(Some)
+            match codec::state(st, rs)? {
+                // Leases are decided by the server's clock (as the scripts do): a third read,
+                // for in-progress records only.
+                RecordState::InProgress => {
+                    let lease_until = codec::bytes(lu, "lease")?
+                        .and_then(|b| std::str::from_utf8(&b).ok()?.parse::<u64>().ok())
+                        .ok_or_else(|| {
+                            LedgerError::corrupt("an in-progress record has no lease")
+                        })?;
+                    let (secs, micros): (u64, u64) = self
+                        .inner
+                        .connection
+                        .query(&redis::cmd("TIME"))
+                        .await
+                        .map_err(error)?;
+                    let now = secs * 1000 + micros / 1000;
+                    Ok(Some(if lease_until <= now {
+                        RecordState::Abandoned
+                    } else {
+                        RecordState::InProgress
+                    }))
+                }
+                state => Ok(Some(state)),
+            }
         })
         .await
     }

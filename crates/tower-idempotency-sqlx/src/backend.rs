@@ -95,7 +95,7 @@ pub struct Statements {
     pub release: SqlStr,
     /// The fenced lease renewal.
     pub renew: SqlStr,
-    /// A live record by operation id and scope.
+    /// A live record by operation id and scope, with `lapsed`: whether its lease has ended.
     pub operation: SqlStr,
     /// Deletes up to a batch of expired records.
     pub purge: SqlStr,

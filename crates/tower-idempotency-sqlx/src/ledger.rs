@@ -326,7 +326,15 @@ where
             .fetch_optional(&self.pool)
             .await
             .map_err(row::error)?
-            .map(|found| row::columns(&found)?.into_state())
+            .map(|found| {
+                // `lapsed` compares `lease_until` with the database's clock, as claims do.
+                let lapsed: Option<bool> =
+                    sqlx::Row::try_get(&found, "lapsed").map_err(row::error)?;
+                match row::columns(&found)?.into_state()? {
+                    RecordState::InProgress if lapsed == Some(true) => Ok(RecordState::Abandoned),
+                    state => Ok(state),
+                }
+            })
             .transpose()
     }
 

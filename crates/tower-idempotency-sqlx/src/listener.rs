@@ -94,7 +94,18 @@ impl Notifier {
     pub(crate) async fn listening(&self, deadline: Instant) -> bool {
         {
             let mut task = self.task.lock().unwrap_or_else(|p| p.into_inner());
-            if task.is_none() {
+            // `run` loops for ever, so a finished task was cut short: a panic, or the end of the
+            // runtime that spawned it while the ledger lives on in another. Start it again, or
+            // every waiter would trust a stale `Listening` and wait for notifications nobody
+            // dispatches (falling back to the 1 s re-check for good).
+            if task.as_ref().is_none_or(JoinHandle::is_finished) {
+                if task.is_some() {
+                    tracing::warn!(
+                        channel = self.channel,
+                        "idempotency ledger listener ended; restarting it"
+                    );
+                    self.shared.state.send_replace(State::Starting);
+                }
                 *task = Some(tokio::spawn(run(
                     self.pool.clone(),
                     self.channel.clone(),
@@ -224,6 +235,33 @@ async fn run(pool: PgPool, channel: String, shared: Arc<Shared>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener task that ended (here aborted, as a panic or its runtime's shutdown would end
+    /// it) is started again by the next waiter, and waiters wait for its new `LISTEN` instead
+    /// of trusting the old state.
+    #[tokio::test]
+    async fn a_listener_task_that_ended_is_restarted() {
+        // Never connected: the URL only has to parse. Its task retries in the background.
+        let pool = PgPoolOptions::new()
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a valid URL");
+        let notifier = Notifier::new(&pool, "test_channel".to_owned());
+        let soon = || Instant::now() + Duration::from_millis(50);
+        notifier.listening(soon()).await;
+        let first = notifier.task.lock().unwrap().as_ref().map(JoinHandle::id);
+        notifier.task.lock().unwrap().as_ref().unwrap().abort();
+        // As if it had been listening when it ended.
+        notifier.shared.state.send_replace(State::Listening);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !notifier.listening(soon()).await,
+            "a stale Listening is not trusted"
+        );
+        let task = notifier.task.lock().unwrap();
+        let task = task.as_ref().expect("a task");
+        assert_ne!(Some(task.id()), first, "a new task was started");
+        assert!(!task.is_finished(), "and it runs");
+    }
 
     #[test]
     fn payloads_parse_back_to_keys() {

@@ -181,7 +181,8 @@ impl Backend for Postgres {
                 lease = from_now(3),
             )),
             operation: sql(format!(
-                "SELECT state, status, headers, body, body_omitted FROM {t} \
+                "SELECT state, status, headers, body, body_omitted, \
+                   lease_until <= now() AS lapsed FROM {t} \
                  WHERE operation_id = $1 AND scope = $2 AND expires_at > now()"
             )),
             // SKIP LOCKED leaves rows that a claim is replacing to the claim. The outer

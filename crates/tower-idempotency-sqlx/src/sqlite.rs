@@ -146,7 +146,8 @@ impl Backend for Sqlite {
                    AND expires_at > {NOW}"
             )),
             operation: sql(format!(
-                "SELECT state, status, headers, body, body_omitted FROM {t} \
+                "SELECT state, status, headers, body, body_omitted, \
+                   lease_until <= {NOW} AS lapsed FROM {t} \
                  WHERE operation_id = ?1 AND scope = ?2 AND expires_at > {NOW}"
             )),
             // The outer `expires_at` test is redundant under SQLite's single writer; it keeps the

@@ -71,14 +71,15 @@ pub(crate) fn unavailable(retry_after: u64) -> Rejection {
     .retry_after(retry_after)
 }
 
-/// The handler ran but its result could not be recorded: its transaction was rolled back, but
-/// what it did outside the transaction stays done.
+/// The handler ran and committing its result failed: the commit's answer was lost, so its writes
+/// may or may not have landed, and what it did outside the transaction stays done.
 pub(crate) fn commit_failed(retry_after: u64) -> Rejection {
     Rejection::new(
         RejectionKind::LedgerUnavailable,
-        "the idempotency ledger failed to record the result; the handler's transaction was rolled \
-         back, but its other side effects may have happened. A retry with the same key runs the \
-         request again",
+        "recording the result failed; the request's writes may or may not have been committed, \
+         and its side effects outside the database may have happened. Retry with the same key: \
+         if the writes were committed, the retry gets the stored response; if not, the request \
+         runs again",
     )
     .retry_after(retry_after)
 }
@@ -90,4 +91,15 @@ pub(crate) fn handler_failed<B>(shared: &Shared<impl Ledger>) -> Response<Respon
          again, which is safe only if the handler's side effects are idempotent",
     );
     render(&*shared.config.responder, &rejection).map(ResponseBody::full)
+}
+
+/// The handler answered with a success head, then its body failed: what is stored and answered
+/// instead (see `problem`'s `outcome-unknown`).
+pub(crate) fn outcome_unknown(shared: &Shared<impl Ledger>) -> Response<bytes::Bytes> {
+    let rejection = Rejection::new(
+        RejectionKind::OutcomeUnknown,
+        "the request was processed with a success status, then its response failed; its effects \
+         may be done, so it will not run again with this key",
+    );
+    render(&*shared.config.responder, &rejection)
 }

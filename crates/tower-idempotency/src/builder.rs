@@ -111,6 +111,8 @@ pub enum ConfigError {
 pub struct IdempotencyLayerBuilder<L> {
     ledger: L,
     config: Config,
+    /// `unscoped()` was called: one scope for every caller is a choice, not an oversight.
+    unscoped: bool,
 }
 
 impl<L> fmt::Debug for IdempotencyLayerBuilder<L> {
@@ -147,6 +149,7 @@ impl<L> IdempotencyLayerBuilder<L> {
                 telemetry: Telemetry::global(),
                 transactions: None,
             },
+            unscoped: false,
         }
     }
 
@@ -174,7 +177,9 @@ impl<L> IdempotencyLayerBuilder<L> {
 
     /// The caller's scope (an API key, a tenant id, an authenticated subject), from the request
     /// parts. Keys are only compared within a scope, and an operation is visible only to its own
-    /// scope. Default: one empty scope for everyone.
+    /// scope. Default: one empty scope for everyone, which lets two callers that send the same
+    /// key and body get each other's stored response; the layer warns (`tracing::warn!`) when
+    /// it is built that way, unless [`unscoped`](Self::unscoped) says it is meant.
     #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_scope<F, S>(mut self, scope: F) -> Self
     where
@@ -182,6 +187,15 @@ impl<L> IdempotencyLayerBuilder<L> {
         S: Into<Vec<u8>>,
     {
         self.config.scope = Some(Arc::new(move |parts| scope(parts).into()));
+        self
+    }
+
+    /// One scope for every caller, on purpose: a single-tenant service, or one whose keys are
+    /// unique across callers (such as UUIDs it issues itself). The same as the default, without
+    /// its warning; a later [`with_scope`](Self::with_scope) still takes effect.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
+    pub fn unscoped(mut self) -> Self {
+        self.unscoped = true;
         self
     }
 
@@ -315,6 +329,15 @@ impl<L> IdempotencyLayerBuilder<L> {
     }
 
     pub(crate) fn into_layer(self) -> IdempotencyLayer<L> {
+        if self.config.scope.is_none() && !self.unscoped {
+            // hono-idempotency warns the same way; the IETF draft recommends keys composed with
+            // the caller's identity.
+            tracing::warn!(
+                "idempotency layer built without a scope: callers that send the same key and \
+                 body get each other's stored response. Set `with_scope` (an API key, a tenant, \
+                 a subject), or `unscoped()` if one scope for everyone is meant"
+            );
+        }
         IdempotencyLayer::from_parts(self.ledger, self.config)
     }
 

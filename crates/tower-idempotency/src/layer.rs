@@ -28,7 +28,9 @@ pub struct IdempotencyLayer<L> {
 }
 
 impl<L> IdempotencyLayer<L> {
-    /// A layer over `ledger` with every default (see [`IdempotencyLayerBuilder`]).
+    /// A layer over `ledger` with every default (see [`IdempotencyLayerBuilder`]), including
+    /// one scope for every caller: fine for a single-tenant service, and it warns once built.
+    /// A multi-tenant service sets [`with_scope`](IdempotencyLayerBuilder::with_scope).
     pub fn new(ledger: L) -> Self {
         // The defaults are valid (tests/builder.rs checks it), so they skip `build`.
         IdempotencyLayerBuilder::new(ledger).into_layer()

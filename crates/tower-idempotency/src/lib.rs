@@ -43,8 +43,9 @@
 //!    own rather than stopping),
 //!    renewing its lease every third of the lease; its response is stored with the token (a
 //!    holder whose lease was taken over cannot overwrite the newer result), or, for 5xx, a panic,
-//!    a failed body or a response marked [`DoNotStore`], the key is released so that a retry
-//!    runs again.
+//!    a body that fails behind an error head or a response marked [`DoNotStore`], the key is
+//!    released so that a retry runs again (a body that fails behind a success head stores a 500
+//!    `outcome-unknown` instead).
 //! 4. Everyone else gets the replay, 409/202/a wait, or 422, as above.
 //!
 //! # Features
@@ -103,6 +104,7 @@ mod transaction;
 
 pub use body::ResponseBody;
 pub use builder::{ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey};
+pub use capture::Streaming;
 pub use config::is_stored_by_default;
 pub use downstream::{MissingOperation, Operation};
 pub use future::ResponseFuture;

@@ -22,9 +22,12 @@ use crate::{
 impl<L: Ledger> IdempotencyLayer<L> {
     /// The operation-status resource: `GET {operation_path}/{operation_id}` answers, for the
     /// caller's own scope (computed by the layer's scope function), `200 {"operation_id",
-    /// "status": "in_progress"}` with `Retry-After` while the operation runs, the stored response
-    /// (marked `Idempotent-Replayed: true`) once it completed, and 404 for an unknown id or
-    /// another scope's operation. Merge it into the app:
+    /// "status": "in_progress"}` with `Retry-After` while the operation runs, `200
+    /// {"operation_id", "status": "abandoned"}` once its holder's lease lapsed (a crash: send the
+    /// request again with the same key), the stored response (marked `Idempotent-Replayed:
+    /// true`) once it completed, and 404 otherwise: an unknown id, another scope's operation, or
+    /// one that was released (its request failed and was not recorded) or expired. Merge it
+    /// into the app:
     ///
     /// ```
     /// use axum::{Router, routing::post};
@@ -59,7 +62,9 @@ async fn status<L: Ledger>(shared: Arc<Shared<L>>, parts: Parts, id: String) -> 
     let not_found = || {
         let rejection = Rejection::new(
             RejectionKind::OperationNotFound,
-            "no operation with this id exists for this caller",
+            "no operation with this id exists for this caller: it never existed, or it was \
+             released (its request failed and was not recorded) or expired. If you sent the \
+             request, send it again with the same key",
         );
         render(&*config.responder, &rejection)
             .map(axum::body::Body::from)
@@ -84,6 +89,16 @@ async fn status<L: Ledger>(shared: Arc<Shared<L>>, parts: Parts, id: String) -> 
                 HeaderValue::from(config.retry_after_secs()),
             );
             response
+        }
+        Ok(Some(RecordState::Abandoned)) => {
+            let body = serde_json::json!({
+                "operation_id": id,
+                "status": "abandoned",
+                "detail": "the request holding this operation stopped without finishing (its \
+                           lease lapsed); its effects may be partial. Send the request again \
+                           with the same key: it takes the operation over",
+            });
+            axum::Json(body).into_response()
         }
         Ok(Some(RecordState::Completed(stored))) => {
             replay::<axum::body::Body>(stored).into_response()

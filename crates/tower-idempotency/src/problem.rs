@@ -27,14 +27,23 @@
 //! 202 (not an error): a request with this key is running; poll `Location`.
 //!
 //! # operation-not-found
-//! 404: no operation with this id in the caller's scope.
+//! 404: no operation with this id in the caller's scope: it never existed, or it was released
+//! (its request failed and was not recorded) or expired. Whoever sent the request may send it
+//! again with the same key.
 //!
 //! # ledger-unavailable
-//! 503: the idempotency ledger could not be reached, so the request was not run.
+//! 503: the idempotency ledger could not be reached, so the request was not run; or, in
+//! exactly-once mode, committing the handler's writes with the result failed, and the commit
+//! may or may not have landed. Either way, retry with the same key.
 //!
 //! # handler-failed
 //! 500: the handler panicked or its response body failed; the key was released, so a retry runs
 //! the handler again.
+//!
+//! # outcome-unknown
+//! 500: the handler answered with a success status, then its response body failed. Its side
+//! effects may well be done, so this answer is stored and replayed to every retry with the same
+//! key: check the resource's state, or send a new request with a new key.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -70,6 +79,8 @@ pub enum RejectionKind {
     LedgerUnavailable,
     /// The handler panicked, or its response body failed.
     HandlerFailed,
+    /// The handler answered with a success status, then its response body failed.
+    OutcomeUnknown,
 }
 
 impl RejectionKind {
@@ -86,6 +97,7 @@ impl RejectionKind {
             Self::OperationNotFound => "operation-not-found",
             Self::LedgerUnavailable => "ledger-unavailable",
             Self::HandlerFailed => "handler-failed",
+            Self::OutcomeUnknown => "outcome-unknown",
         }
     }
 
@@ -99,7 +111,7 @@ impl RejectionKind {
             Self::Accepted => StatusCode::ACCEPTED,
             Self::OperationNotFound => StatusCode::NOT_FOUND,
             Self::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::HandlerFailed | Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -116,6 +128,7 @@ impl RejectionKind {
             Self::OperationNotFound => "Operation not found",
             Self::LedgerUnavailable => "Idempotency ledger unavailable",
             Self::HandlerFailed => "Request failed",
+            Self::OutcomeUnknown => "Outcome unknown",
         }
     }
 }

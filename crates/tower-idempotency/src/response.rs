@@ -69,18 +69,35 @@ pub(crate) fn to_stored(
     }
 }
 
-/// The replay of `stored`, marked `Idempotent-Replayed: true`.
+/// Headers that describe a representation's body (RFC 9110 section 8, RFC 9530), and so are
+/// false on the empty body of a replay whose body was omitted.
+const DESCRIBES_THE_BODY: [&str; 11] = [
+    "content-type",
+    "content-encoding",
+    "content-language",
+    "content-length",
+    "content-range",
+    "content-md5",
+    "etag",
+    "last-modified",
+    "digest",
+    "content-digest",
+    "repr-digest",
+];
+
+/// The replay of `stored`, marked `Idempotent-Replayed: true`. Without its body (omitted), it
+/// also goes without the headers that describe that body.
 pub(crate) fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
     let mut response = Response::new(ResponseBody::full(stored.body));
     *response.status_mut() = stored.status;
     *response.headers_mut() = stored.headers;
-    response
-        .headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    let headers = response.headers_mut();
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     if stored.body_omitted {
-        response
-            .headers_mut()
-            .insert(IDEMPOTENT_REPLAY_BODY, HeaderValue::from_static("omitted"));
+        for name in DESCRIBES_THE_BODY {
+            headers.remove(name);
+        }
+        headers.insert(IDEMPOTENT_REPLAY_BODY, HeaderValue::from_static("omitted"));
     }
     response
 }

@@ -18,10 +18,10 @@ use tracing::{Instrument, field::Empty};
 
 use crate::{
     Outcome,
-    answer::{answer, handler_failed, ledger_failed, reject, unavailable},
+    answer::{answer, handler_failed, ledger_failed, outcome_unknown, reject, unavailable},
     body::ResponseBody,
     builder::InProgress,
-    capture::{Collected, collect},
+    capture::{Collected, collect, is_streaming},
     config::{Config, Shared},
     duplicate::settle_existing,
     future::{Phase, ResponseFuture},
@@ -323,10 +323,15 @@ where
         let (parts, collected) = {
             let store_limit = config.store_limit;
             let request = Request::from_parts(*parts, ReqBody::from(body));
+            // `call` itself runs inside the caught future: a service that panics before
+            // returning its future must release the key too.
+            let call = futures_util::future::lazy(move |_| inner.call(request)).flatten();
             let mut handler = std::pin::pin!(
-                AssertUnwindSafe(inner.call(request).map_ok(Response::into_parts).and_then(
+                AssertUnwindSafe(call.map_ok(Response::into_parts).and_then(
                     move |(parts, body)| {
-                        collect(body, store_limit).map(move |collected| Ok((parts, collected)))
+                        let streaming = is_streaming(&parts);
+                        collect(body, store_limit, streaming)
+                            .map(move |collected| Ok((parts, collected)))
                     }
                 ))
                 .catch_unwind()
@@ -348,6 +353,22 @@ where
             Collected::Full(body) => (ResponseBody::full(body.clone()), body, false),
             Collected::Over(read, rest) => {
                 (ResponseBody::over_limit(read, rest), Bytes::new(), true)
+            }
+            // Recorded with its head alone, so that the key completes before the stream ends.
+            Collected::Streaming(body) => (ResponseBody::stream(body), Bytes::new(), true),
+            // After a success head the handler's side effects are likely done: outside
+            // exactly-once mode (where they roll back) a retry must not run them again.
+            Collected::Failed(error)
+                if transaction.is_none()
+                    && parts.status.is_success()
+                    && config.should_store(parts.status) =>
+            {
+                tracing::error!(%error, "the idempotent handler's response body failed after a success head; storing outcome-unknown");
+                let (parts, body) = outcome_unknown(&shared).into_parts();
+                let stored = to_stored(&parts, body.clone(), false, &config.deny_headers);
+                complete(&shared, &ledger_key, token, &stored).await;
+                let response = Response::from_parts(parts, ResponseBody::full(body));
+                return Ok(answer(&shared, Outcome::Executed, response));
             }
             Collected::Failed(error) => {
                 tracing::error!(%error, "the idempotent handler's response body failed; releasing its key");

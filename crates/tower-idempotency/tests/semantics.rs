@@ -419,6 +419,10 @@ async fn a_response_over_the_store_limit_reaches_the_first_caller_whole_and_is_n
                 async move {
                     Response::builder()
                         .header(header::CONTENT_TYPE, "text/plain")
+                        .header(header::CONTENT_ENCODING, "identity")
+                        .header(header::ETAG, "\"v1\"")
+                        .header("digest", "sha-256=abc")
+                        .header("x-export", "1")
                         .body(Body::from_stream(futures_util::stream::iter(chunks)))
                         .unwrap()
                 }
@@ -442,7 +446,20 @@ async fn a_response_over_the_store_limit_reaches_the_first_caller_whole_and_is_n
     let (again, body) = send(&app, export()).await;
     assert!(is_replay(&again));
     assert_eq!(again.headers()["idempotent-replay-body"], "omitted");
-    assert_eq!(again.headers()[header::CONTENT_TYPE], "text/plain");
+    // The headers that describe the omitted body do not describe the empty one: a client would
+    // try to gunzip nothing, or cache an empty body under the ETag.
+    for gone in ["content-type", "content-encoding", "etag", "digest"] {
+        assert!(again.headers().get(gone).is_none(), "{gone} was replayed");
+    }
+    // The only length is the empty body's own (hyper or axum may set it from the size hint).
+    if let Some(length) = again.headers().get(header::CONTENT_LENGTH) {
+        assert_eq!(length, "0");
+    }
+    assert_eq!(
+        again.headers()["x-export"],
+        "1",
+        "other headers are replayed"
+    );
     assert!(body.is_empty());
     assert_eq!(runs.get(), 1);
 }
@@ -781,4 +798,83 @@ async fn a_client_that_leaves_while_the_claim_is_answered_does_not_strand_the_ke
         "the orphaned claim was released, so the retry ran"
     );
     assert_eq!(runs.get(), 1, "nothing ran for the client that left");
+}
+
+/// A request body that fails while being read (the client aborted) is a 400
+/// `body-unreadable`; the handler does not run and no key is claimed.
+#[tokio::test]
+async fn an_unreadable_body_is_400_and_claims_nothing() {
+    let runs = Runs::default();
+    let ledger = Faulty::default();
+    let app = payments(runs.clone(), Duration::ZERO).layer(IdempotencyLayer::new(ledger.clone()));
+    let frames: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"amount\":")),
+        Err(std::io::Error::other("the client aborted (test)")),
+    ];
+    let request = Request::post("/payments")
+        .header("idempotency-key", "aborted-7d1")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(futures_util::stream::iter(frames)))
+        .unwrap();
+    let (response, body) = send(&app, request).await;
+    assert_problem(&response, &body, 400, "body-unreadable", "aborted-7d1");
+    assert_eq!(runs.get(), 0);
+    assert_eq!(ledger.faults().calls(Op::Claim), 0, "nothing was claimed");
+    let (retry, _) = send(&app, pay("aborted-7d1", BODY)).await;
+    assert_eq!(retry.status(), StatusCode::CREATED);
+}
+
+/// A custom fingerprint function decides what counts as the same request: here only the
+/// `amount` member, so a changed `note` is a replay and a changed amount a 422.
+#[tokio::test]
+async fn a_custom_fingerprint_function_decides_what_is_the_same_request() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::builder(MemoryLedger::new())
+        .with_fingerprint(|_: &axum::http::request::Parts, body: &Bytes| {
+            let json: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+            tower_idempotency::Fingerprint::of(json["amount"].to_string().as_bytes())
+        })
+        .build()
+        .unwrap();
+    let app = payments(runs.clone(), Duration::ZERO).layer(layer);
+    let (first, _) = send(&app, pay("fp", r#"{"amount":100,"note":"a"}"#)).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let (same, _) = send(&app, pay("fp", r#"{"note":"b","amount":100}"#)).await;
+    assert!(is_replay(&same), "only the amount is fingerprinted");
+    let (other, body) = send(&app, pay("fp", r#"{"amount":200,"note":"a"}"#)).await;
+    assert_problem(&other, &body, 422, "key-reused", "");
+    assert_eq!(runs.get(), 1);
+}
+
+/// The fingerprint headers are the ones configured: a change in one of them is another request
+/// (422); a change in any other header is the same request (replay).
+#[tokio::test]
+async fn fingerprint_headers_are_the_configured_ones() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::builder(MemoryLedger::new())
+        .with_fingerprint_headers([axum::http::HeaderName::from_static("x-account")])
+        .build()
+        .unwrap();
+    let app = payments(runs.clone(), Duration::ZERO).layer(layer);
+    let with = |account: &'static str, agent: &'static str| {
+        let mut request = pay("fh", BODY);
+        let headers = request.headers_mut();
+        headers.insert("x-account", HeaderValue::from_static(account));
+        headers.insert(header::USER_AGENT, HeaderValue::from_static(agent));
+        request
+    };
+    assert_eq!(
+        send(&app, with("acct-1", "curl")).await.0.status(),
+        StatusCode::CREATED
+    );
+    let (other_agent, _) = send(&app, with("acct-1", "wget")).await;
+    assert!(is_replay(&other_agent), "User-Agent is not fingerprinted");
+    let (other_account, body) = send(&app, with("acct-2", "curl")).await;
+    assert_problem(&other_account, &body, 422, "key-reused", "");
+    // Content-Type, fingerprinted by default, is no longer in the list.
+    let mut text = with("acct-1", "curl");
+    text.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    assert!(is_replay(&send(&app, text).await.0));
+    assert_eq!(runs.get(), 1);
 }

@@ -218,6 +218,13 @@ async fn a_failed_commit_writes_nothing_answers_503_and_a_retry_runs_again() {
     ledger.faults().fail_next(Op::CompleteIn, 1);
     let (response, body) = send(&app, pay("commit-key", BODY)).await;
     assert_problem(&response, &body, 503, "ledger-unavailable", "commit-key");
+    // A failed commit may still have landed: the answer must not claim that nothing happened.
+    let detail = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["detail"].clone();
+    assert!(
+        !detail.as_str().unwrap().contains("not processed"),
+        "{detail}"
+    );
+    assert!(detail.as_str().unwrap().contains("same key"), "{detail}");
     assert!(table(&ledger).is_empty());
     assert_eq!(
         send(&app, pay("commit-key", BODY)).await.0.status(),
@@ -342,4 +349,29 @@ async fn the_extractor_without_transactional_mode_is_a_500_problem() {
         .layer(layer);
     let (response, body) = send(&app, pay("k", BODY)).await;
     assert_problem(&response, &body, 500, "handler-failed", "");
+}
+
+/// Two `LedgerTx` extractors in one handler: the second cannot have the transaction the first
+/// holds. It is a 500 problem at once, never a wait for ever, and the key is released.
+#[tokio::test]
+async fn a_second_ledger_tx_in_one_request_is_a_500_not_a_hang() {
+    let ledger = TxLedger::default();
+    let layer = IdempotencyLayer::builder(ledger.clone())
+        .with_transactions()
+        .build()
+        .unwrap();
+    let app = Router::new()
+        .route(
+            "/payments",
+            post(|_a: LedgerTx<TxLedger>, _b: LedgerTx<TxLedger>| async { StatusCode::CREATED }),
+        )
+        .layer(layer);
+    let (response, body) =
+        tokio::time::timeout(Duration::from_secs(5), send(&app, pay("twice", BODY)))
+            .await
+            .expect("the second extraction answered instead of waiting for the first");
+    assert_problem(&response, &body, 500, "handler-failed", "twice");
+    let detail = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["detail"].clone();
+    assert!(detail.as_str().unwrap().contains("already"), "{detail}");
+    assert!(table(&ledger).is_empty());
 }

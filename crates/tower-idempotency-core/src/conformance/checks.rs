@@ -449,6 +449,33 @@ pub async fn operation_lookup_is_scoped<L: Ledger>(ledger: L) {
     );
 }
 
+/// A claim whose lease lapsed (its holder crashed) is reported abandoned by the operation
+/// lookup, not in progress until retention ends; once taken over it is in progress again.
+pub async fn a_lapsed_lease_is_reported_abandoned<L: Ledger>(ledger: L) {
+    let short = request("k", "scope", "body", Duration::from_millis(300), LONG);
+    let lease = acquire(&ledger, &short).await;
+    let scope = ScopeDigest::new(b"scope");
+    let id = lease.operation_id;
+    assert_eq!(
+        ledger.operation(&scope, id).await.expect("lookup"),
+        Some(RecordState::InProgress),
+        "a live lease is in progress"
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        ledger.operation(&scope, id).await.expect("lookup"),
+        Some(RecordState::Abandoned),
+        "a lapsed lease is abandoned"
+    );
+    let retry = acquire(&ledger, &long("k")).await;
+    assert!(retry.taken_over);
+    assert_eq!(
+        ledger.operation(&scope, id).await.expect("lookup"),
+        Some(RecordState::InProgress),
+        "a taken-over lease is in progress again"
+    );
+}
+
 /// Purge deletes every expired record (completed or abandoned), in batches smaller than their
 /// number, and nothing else. A ledger whose backend expires records by itself
 /// ([`Ledger::expires_records_itself`]) purges nothing, and its expired records are gone too.

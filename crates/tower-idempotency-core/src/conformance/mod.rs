@@ -169,6 +169,7 @@ macro_rules! conformance_checks {
             retention_expires_records,
             scopes_are_separate,
             operation_lookup_is_scoped,
+            a_lapsed_lease_is_reported_abandoned,
             purge_deletes_only_expired,
             large_binary_response_round_trips,
             waiters_see_completion,

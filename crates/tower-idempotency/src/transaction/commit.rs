@@ -56,7 +56,10 @@ pub(crate) async fn commit<L: Ledger, B>(
             answer(shared, Outcome::Executed, handler_failed(shared))
         }
         Err(TxError::Ledger(error)) => {
-            tracing::error!(%error, "committing the handler's transaction failed; it was rolled back");
+            // A commit whose answer was lost may have landed. Releasing is safe either way: it
+            // frees only a key still in progress under this token, so a landed commit keeps
+            // its stored response, and the retry gets it.
+            tracing::error!(%error, "committing the handler's transaction failed; it may or may not have landed");
             release(shared, key, token).await;
             reject(
                 shared,

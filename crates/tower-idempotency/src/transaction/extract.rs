@@ -86,18 +86,38 @@ impl<L: TransactionalLedger> LedgerTx<L> {
     }
 }
 
-/// Why a handler could not get its [`LedgerTx`]: always a server misconfiguration, answered 500.
+/// Why a handler could not get its [`LedgerTx`]: always a server bug or misconfiguration,
+/// answered 500 (`handler-failed`).
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
-pub struct MissingLedgerTx;
+pub struct MissingLedgerTx {
+    reason: Reason,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Reason {
+    /// The route's layer is not in transactional mode.
+    NotEnabled,
+    /// Another `LedgerTx` of the same request holds the transaction.
+    AlreadyHeld,
+    /// The layer already took the transaction back.
+    Finished,
+}
 
 impl IntoResponse for MissingLedgerTx {
     fn into_response(self) -> Response {
-        let rejection = Rejection::new(
-            RejectionKind::HandlerFailed,
-            "this handler needs the idempotency layer's transactional mode, which is not enabled \
-             for this route (or the transaction was already finished)",
-        );
+        let detail = match self.reason {
+            Reason::NotEnabled => {
+                "this handler needs the idempotency layer's transactional mode, which is not \
+                 enabled for this route"
+            }
+            Reason::AlreadyHeld => {
+                "the request's transaction is already held by another LedgerTx (extract it once \
+                 per request); nothing was written"
+            }
+            Reason::Finished => "the request's transaction was already finished",
+        };
+        let rejection = Rejection::new(RejectionKind::HandlerFailed, detail);
         render(&ProblemJson, &rejection)
             .map(axum::body::Body::from)
             .into_response()
@@ -112,14 +132,19 @@ where
     type Rejection = MissingLedgerTx;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let rejected = |reason| MissingLedgerTx { reason };
         let Exposed(slot) = parts
             .extensions
             .get::<Exposed<L>>()
             .cloned()
-            .ok_or(MissingLedgerTx)?;
-        let guard = slot.lock_owned().await;
+            .ok_or(rejected(Reason::NotEnabled))?;
+        // Never wait for the lock: its only other holders are a second extractor of this same
+        // request, which would wait for ever, and the layer after the handler returned.
+        let guard = slot
+            .try_lock_owned()
+            .map_err(|_| rejected(Reason::AlreadyHeld))?;
         if guard.is_none() {
-            return Err(MissingLedgerTx);
+            return Err(rejected(Reason::Finished));
         }
         Ok(Self {
             guard,
