@@ -96,7 +96,7 @@ impl Variant {
             Variant::Memory => "tower-idempotency MemoryLedger",
             Variant::Sqlite => "tower-idempotency SqliteLedger (file)",
             Variant::Postgres => "tower-idempotency PostgresLedger",
-            Variant::PostgresCached => "tower-idempotency CachedLedger<PostgresLedger>*",
+            Variant::PostgresCached => "tower-idempotency CachedLedger<PostgresLedger>",
             Variant::AxumIdempotent => "axum-idempotent 0.6 (ruts MokaStore)",
             Variant::AxumIdempotentPostgres => "axum-idempotent 0.6 (ruts PostgresStore)",
             Variant::Idempotent2 => "idempotent 2.0 (MemoryStore)",
