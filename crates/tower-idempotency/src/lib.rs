@@ -53,6 +53,11 @@
 //!   `LedgerTx` extractor of exactly-once mode.
 //! - `opentelemetry`: OpenTelemetry metrics (`with_meter`). Spans go through `tracing` either
 //!   way.
+//!
+//! Off by default:
+//! - `openapi`: the layer's contract as OpenAPI 3.1 (`IdempotencyLayer::openapi`, with utoipa):
+//!   the key header, the replay headers, the rejections, the operation-status resource and the
+//!   expiry policy, from the layer's own settings.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod answer;
@@ -65,6 +70,9 @@ mod future;
 mod intake;
 mod layer;
 mod lease;
+#[cfg(feature = "openapi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openapi")))]
+pub mod openapi;
 #[cfg(feature = "axum")]
 mod operations;
 mod outcome;
