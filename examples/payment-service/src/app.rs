@@ -107,6 +107,7 @@ pub fn app<L: PaymentLedger>(
     settings: &Settings,
 ) -> Result<Router, ConfigError> {
     let layer = idempotency_layer(ledger, settings)?;
+    let document = Json(crate::openapi::document(&layer));
     let state = Arc::new(AppState {
         store,
         processor: Processor::new(settings.latency, settings.fail_rate),
@@ -125,6 +126,7 @@ pub fn app<L: PaymentLedger>(
         .layer(middleware::from_fn(auth::authenticate));
     Ok(Router::new()
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(move || async move { document }))
         .with_state(state.clone())
         .merge(protected.with_state(state))
         .fallback(crate::problem::not_found)

@@ -40,6 +40,7 @@ pub mod app;
 pub mod auth;
 pub mod extract;
 pub mod http_trace;
+pub mod openapi;
 pub mod problem;
 pub mod processor;
 pub mod store;

@@ -39,8 +39,10 @@ pub struct Problem {
     headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The problem body, as the document describes it (`ProblemBody`).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ProblemBody)]
+pub(crate) struct Body<'a> {
     r#type: String,
     title: &'a str,
     status: u16,
