@@ -53,7 +53,7 @@
 //! without its `macros` feature, so that comes along), and a service on any framework can merge the result. Its documents are
 //! OpenAPI 3.1. aide, the other well-kept choice, is built around axum's router and schemars,
 //! and would tie the description to how the app is routed. The crate is re-exported as
-//! [`utoipa`](self::utoipa) so that the versions match.
+//! [`utoipa`] so that the versions match.
 //!
 //! [draft-ietf-httpapi-idempotency-key-header-07, section 2.5.2]: https://datatracker.ietf.org/doc/html/draft-ietf-httpapi-idempotency-key-header-07#section-2.5.2
 
