@@ -56,6 +56,11 @@
 //! - `opentelemetry`: OpenTelemetry metrics (`with_meter`). Spans go through `tracing` either
 //!   way.
 //!
+//! Off by default:
+//! - `openapi`: the layer's contract as OpenAPI 3.1 (`IdempotencyLayer::openapi`, with utoipa):
+//!   the key header, the replay headers, the rejections, the operation-status resource and the
+//!   expiry policy, from the layer's own settings.
+//!
 //! # Downstream keys, and answers that are not stored
 //! A handler that calls another idempotent service (a card processor) passes it a key derived
 //! from its [`Operation`]: the same on every run of this request, even after a 5xx released the
@@ -92,6 +97,9 @@ mod future;
 mod intake;
 mod layer;
 mod lease;
+#[cfg(feature = "openapi")]
+#[cfg_attr(docsrs, doc(cfg(feature = "openapi")))]
+pub mod openapi;
 #[cfg(feature = "axum")]
 mod operations;
 mod outcome;

@@ -162,6 +162,7 @@ fn assemble<L: Ledger + Clone>(
     store: Store,
     settings: &Settings,
 ) -> Result<Router, crate::StartError> {
+    let document = Json(crate::openapi::document(&layer));
     let state = Arc::new(AppState {
         store,
         processor: Processor::new(&settings.processor_url, settings.processor_timeout)?,
@@ -178,6 +179,7 @@ fn assemble<L: Ledger + Clone>(
         .layer(middleware::from_fn(auth::authenticate));
     Ok(Router::new()
         .route("/healthz", get(healthz))
+        .route("/openapi.json", get(move || async move { document }))
         .with_state(state.clone())
         .merge(protected.with_state(state))
         .fallback(crate::problem::not_found)

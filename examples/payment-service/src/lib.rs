@@ -46,6 +46,7 @@ pub mod auth;
 pub mod card_processor;
 pub mod extract;
 pub mod http_trace;
+pub mod openapi;
 pub mod problem;
 pub mod processor;
 pub mod store;

@@ -47,8 +47,10 @@ pub struct Problem {
     not_stored: bool,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The problem body, as the document describes it (`ProblemBody`).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ProblemBody)]
+pub(crate) struct Body<'a> {
     r#type: String,
     title: &'a str,
     status: u16,

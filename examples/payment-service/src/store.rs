@@ -47,14 +47,17 @@ CREATE INDEX IF NOT EXISTS payments_tenant_customer ON payments (tenant, custome
 
 /// The body of `POST /payments`. Unknown fields are refused, so that a misspelt field is an
 /// error rather than silently ignored.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewPayment {
     /// Positive, in minor units (cents).
+    #[schema(minimum = 1)]
     pub amount: i64,
     /// ISO 4217 style: three upper-case ASCII letters.
+    #[schema(pattern = "^[A-Z]{3}$", example = "EUR")]
     pub currency: String,
     /// Who pays: 1 to [`MAX_CUSTOMER_LEN`] characters.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub customer: String,
 }
 
@@ -78,7 +81,7 @@ impl NewPayment {
 }
 
 /// A payment as stored and answered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Payment {
     /// `pay_` and 32 hex digits.
     pub id: String,
@@ -89,6 +92,7 @@ pub struct Payment {
     /// Who paid.
     pub customer: String,
     /// Always `succeeded`: a failed charge writes no payment.
+    #[schema(pattern = "^succeeded$")]
     pub status: String,
     /// RFC 3339, UTC, milliseconds.
     pub created_at: String,

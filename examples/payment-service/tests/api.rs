@@ -421,3 +421,35 @@ async fn a_failed_charge_is_a_503_and_writes_nothing() {
     let listed = send(&app, get(Some("t"), "/payments?customer=alice")).await;
     assert_eq!(listed.body["payments"], json!([]));
 }
+
+#[tokio::test]
+async fn the_openapi_document_is_served_and_describes_idempotency() {
+    let app = app().await;
+    let answer = send(&app, get(None, "/openapi.json")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let doc = answer.body;
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let create = &doc["paths"]["/payments"]["post"];
+    let key = create["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["in"] == "header")
+        .unwrap();
+    assert_eq!(key["name"], "Idempotency-Key");
+    assert_eq!(key["required"], true);
+    for status in ["201", "400", "401", "409", "413", "415", "422", "503"] {
+        assert!(create["responses"][status].is_object(), "{status}");
+    }
+    assert_eq!(
+        create["responses"]["201"]["links"]["GetPaymentById"]["operationId"],
+        "getPayment"
+    );
+    assert_eq!(create["x-idempotency"]["expiry-seconds"], 24 * 60 * 60);
+    assert!(doc["paths"]["/operations/{operation_id}"]["get"].is_object());
+    // Only the covered operation carries the key.
+    assert!(doc["paths"]["/payments"]["get"]["x-idempotency"].is_null());
+    for schema in ["NewPayment", "Payment", "PaymentList", "ProblemBody"] {
+        assert!(doc["components"]["schemas"][schema].is_object(), "{schema}");
+    }
+}
