@@ -120,7 +120,10 @@ pub fn router(
         Some(lease) => builder.with_lease(lease),
         None => builder,
     };
+    // One scope: the merchant is in the body, and the charge keys the service derives are
+    // already unique per merchant (they digest the merchant's own scope).
     let layer = builder
+        .unscoped()
         .with_missing_key(MissingKey::Reject)
         .with_json_canonicalization(true)
         .with_transactions()

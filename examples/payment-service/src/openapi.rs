@@ -77,8 +77,10 @@ pub fn build<L>(layer: &IdempotencyLayer<L>) -> OpenApi {
                     },
                     "400": problem("The body is not JSON (`malformed-json`) or not a valid payment (`invalid-payment`)."),
                     "401": unauthorized(),
+                    "402": problem("The processor declined the card (`card-declined`); nothing was charged. Stored: a retry with the same key gets this answer again."),
                     "415": problem("The body is not declared `application/json` (`unsupported-media-type`)."),
-                    "503": problem("The processor (`processor-unavailable`) or the database (`database-unavailable`) is unavailable; nothing was charged or recorded."),
+                    "502": problem("The processor refused the charge request (`processor-error`). Not stored: a retry with the same key runs again, with the same charge key."),
+                    "503": problem("The processor (`processor-unavailable`, `processor-busy`) or the database (`database-unavailable`) failed; the card may have been charged (the detail says). Not stored: retry with the same key, whose charge key is the same, so the processor replays rather than charging again."),
                 }
             },
             "get": {

@@ -45,6 +45,9 @@ pub struct Problem {
     detail: String,
     headers: Vec<(header::HeaderName, HeaderValue)>,
     not_stored: bool,
+    /// The idempotency layer's own case, when the service answers one of them itself: its
+    /// `type` URI is then the layer's, as the OpenAPI document publishes it.
+    layer_case: bool,
 }
 
 /// The problem body, as the document describes it (`ProblemBody`).
@@ -73,6 +76,7 @@ impl Problem {
             detail: detail.into(),
             headers: Vec::new(),
             not_stored: false,
+            layer_case: false,
         }
     }
 
@@ -154,6 +158,18 @@ impl Problem {
         .with_header(header::RETRY_AFTER, HeaderValue::from_static("1"))
     }
 
+    /// One of the idempotency layer's own cases (`kind`), answered by the service itself, with
+    /// the layer's `type` URI, title and status.
+    pub fn idempotency(
+        kind: tower_idempotency::problem::RejectionKind,
+        detail: impl Into<String>,
+    ) -> Self {
+        Self {
+            layer_case: true,
+            ..Self::new(kind.status(), kind.slug(), kind.title(), detail)
+        }
+    }
+
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         self.status
@@ -163,7 +179,11 @@ impl Problem {
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let body = Body {
-            r#type: format!("/problems/{}", self.slug),
+            r#type: if self.layer_case {
+                format!("{}#{}", tower_idempotency::problem::TYPE_BASE, self.slug)
+            } else {
+                format!("/problems/{}", self.slug)
+            },
             title: self.title,
             status: self.status.as_u16(),
             detail: &self.detail,

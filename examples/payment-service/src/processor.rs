@@ -78,6 +78,14 @@ impl Processor {
                 "The card was declined",
                 "the processor declined the charge; nothing was charged",
             )),
+            // The processor has this charge key bound to another payment: an earlier run of
+            // this Idempotency-Key (released, say by a 5xx after the charge) charged or declined
+            // a different body. The key belongs to that payment; the client reused it.
+            (StatusCode::UNPROCESSABLE_ENTITY, _) => Err(Problem::idempotency(
+                tower_idempotency::problem::RejectionKind::KeyReused,
+                "an earlier attempt with this Idempotency-Key reached the processor with a \
+                 different payment; send this payment with a new key",
+            )),
             (StatusCode::CONFLICT, _) => Err(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "processor-busy",

@@ -438,7 +438,11 @@ async fn the_openapi_document_is_served_and_describes_idempotency() {
         .unwrap();
     assert_eq!(key["name"], "Idempotency-Key");
     assert_eq!(key["required"], true);
-    for status in ["201", "400", "401", "409", "413", "415", "422", "503"] {
+    // 402 (a declined card) and 502 (the processor refused the request) came with the card
+    // processor; schemathesis found the 402 undocumented (ST103) the first time both ran.
+    for status in [
+        "201", "400", "401", "402", "409", "413", "415", "422", "502", "503",
+    ] {
         assert!(create["responses"][status].is_object(), "{status}");
     }
     assert_eq!(

@@ -105,6 +105,40 @@ async fn a_failing_insert_retried_three_times_charges_once() {
     assert_eq!(counts(&app, "alice").await, (1, 1));
 }
 
+/// Found by schemathesis (a 502 on `POST /payments`): a key whose first run charged and was then
+/// released (the insert failed), reused with a different payment, sends the processor the same
+/// charge key with another body. The processor refuses it (422); the client is told its key
+/// belongs to another payment (422 `key-reused`), not that the processor failed (502), and
+/// nothing more is charged.
+#[tokio::test]
+async fn a_released_key_reused_for_another_payment_is_422_not_502() {
+    let database = Database::connect("sqlite::memory:", None).await.unwrap();
+    let processor_url = card_processor::spawn("sqlite::memory:", Faults::default())
+        .await
+        .unwrap();
+    let failing = Settings {
+        processor_url: processor_url.clone(),
+        fail_insert_rate: 1.0,
+        ..Settings::default()
+    };
+    let app = database.router(&failing).unwrap();
+    let (status, _, _) = send(&app, post("k-reuse", "application/json", GOOD)).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let working = Settings {
+        processor_url,
+        ..Settings::default()
+    };
+    let app = database.router(&working).unwrap();
+    let other = r#"{"amount":99,"currency":"EUR","customer":"alice"}"#;
+    let (status, _, body) = send(&app, post("k-reuse", "application/json", other)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["type"].as_str().unwrap().ends_with("key-reused"),
+        "{body}"
+    );
+    assert_eq!(counts(&app, "alice").await, (0, 1), "no second charge");
+}
+
 #[tokio::test]
 async fn a_fixed_request_after_a_400_or_a_415_with_the_same_key_gets_201() {
     let database = Database::connect("sqlite::memory:", None).await.unwrap();
