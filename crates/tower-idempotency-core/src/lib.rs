@@ -18,6 +18,7 @@
 
 mod error;
 pub mod fingerprint;
+mod inspect;
 mod key;
 mod ledger;
 mod memory;
@@ -29,6 +30,7 @@ pub mod conformance;
 
 pub use error::{BoxError, LedgerError};
 pub use fingerprint::Fingerprint;
+pub use inspect::{Progress, RecordInfo, system_time_from_millis};
 pub use key::{IdempotencyKey, KeyError, LedgerKey, MAX_KEY_LEN, ScopeDigest};
 pub use ledger::{ClaimRequest, Ledger, MAX_DURATION, TransactionalLedger, purge_periodically};
 pub use memory::MemoryLedger;
