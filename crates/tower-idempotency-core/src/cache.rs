@@ -11,7 +11,8 @@ use tokio::time::Instant;
 
 use crate::{
     Claim, ClaimRequest, Existing, FencingToken, Fingerprint, Ledger, LedgerError, LedgerKey,
-    OperationId, RecordState, ScopeDigest, StoredResponse, TransactionalLedger, memory::KeyHasher,
+    OperationId, RecordInfo, RecordState, ScopeDigest, StoredResponse, TransactionalLedger,
+    memory::KeyHasher,
 };
 
 /// The default bound in entries: 10,000 records.
@@ -424,6 +425,41 @@ impl<L: Ledger> Ledger for CachedLedger<L> {
         timeout: Duration,
     ) -> impl Future<Output = ()> + Send {
         self.inner.wait_for_change(key, timeout)
+    }
+
+    fn expires_records_itself(&self) -> bool {
+        self.inner.expires_records_itself()
+    }
+
+    fn inspect(
+        &self,
+        key: &LedgerKey,
+        with_body: bool,
+    ) -> impl Future<Output = Result<Option<RecordInfo>, LedgerError>> + Send {
+        self.inner.inspect(key, with_body)
+    }
+
+    fn stuck(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RecordInfo>, LedgerError>> + Send {
+        self.inner.stuck(older_than, limit)
+    }
+
+    fn force_release(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send {
+        self.inner.force_release(key, token)
+    }
+
+    /// Evicts the record from the inner ledger and from this process's cache. Other processes'
+    /// caches may replay it for up to their `max_ttl` (see the type's docs).
+    async fn evict(&self, key: &LedgerKey) -> Result<bool, LedgerError> {
+        self.evict_local(key);
+        self.inner.evict(key).await
     }
 }
 

@@ -24,6 +24,13 @@ pub enum LedgerError {
     /// The backend failed or could not be reached.
     #[error("the idempotency ledger backend failed")]
     Backend(#[source] BoxError),
+    /// The ledger does not offer this operator call (see the default implementations of the
+    /// operator calls on [`Ledger`](crate::Ledger)). Nothing was read or written.
+    #[error("this idempotency ledger does not support `{operation}`")]
+    Unsupported {
+        /// The call: `"inspect"`, `"stuck"` or `"evict"`.
+        operation: &'static str,
+    },
 }
 
 impl LedgerError {

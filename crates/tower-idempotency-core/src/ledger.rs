@@ -3,7 +3,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use crate::{
-    Claim, FencingToken, Fingerprint, LedgerError, LedgerKey, OperationId, RecordState,
+    Claim, FencingToken, Fingerprint, LedgerError, LedgerKey, OperationId, RecordInfo, RecordState,
     ScopeDigest, StoredResponse,
 };
 
@@ -78,8 +78,12 @@ impl ClaimRequest {
 ///    expires: [`renew`](Self::renew) moves its expiry to at least the new lease deadline.
 /// 5. [`operation`](Self::operation) answers only for the scope that created the record.
 /// 6. Responses round-trip exactly: status, every header value in order, body bytes.
-/// 7. Expired records are treated as absent by `claim` and `operation` even before
-///    [`purge_expired`](Self::purge_expired) deletes them.
+/// 7. Expired records are treated as absent by `claim`, `operation`, `inspect` and `stuck` even
+///    before [`purge_expired`](Self::purge_expired) deletes them.
+///
+/// The operator calls ([`inspect`](Self::inspect), [`stuck`](Self::stuck),
+/// [`force_release`](Self::force_release), [`evict`](Self::evict)) are for on-call tools, not the
+/// request path; a ledger that cannot offer one keeps its default.
 pub trait Ledger: Send + Sync + 'static {
     /// A short name for traces and metrics, such as `"memory"` or `"postgres"`.
     fn name(&self) -> &'static str;
@@ -147,6 +151,60 @@ pub trait Ledger: Send + Sync + 'static {
         let _ = key;
         tokio::time::sleep(timeout.min(Duration::from_millis(25)))
     }
+
+    /// For operators: the live record under `key` (an expired one is absent, as for
+    /// [`claim`](Self::claim)), with its stored body only if `with_body`. Never writes.
+    ///
+    /// The default returns [`LedgerError::Unsupported`].
+    fn inspect(
+        &self,
+        key: &LedgerKey,
+        with_body: bool,
+    ) -> impl Future<Output = Result<Option<RecordInfo>, LedgerError>> + Send {
+        let _ = (key, with_body);
+        std::future::ready(Err(LedgerError::Unsupported {
+            operation: "inspect",
+        }))
+    }
+
+    /// For operators: up to `limit` live records still in progress whose lease lapsed at least
+    /// `older_than` ago (their holder crashed, or its renewal stopped at the maximum handler
+    /// time), longest lapsed first, without bodies. `older_than` zero lists every lapsed lease.
+    ///
+    /// The default returns [`LedgerError::Unsupported`].
+    fn stuck(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RecordInfo>, LedgerError>> + Send {
+        let _ = (older_than, limit);
+        std::future::ready(Err(LedgerError::Unsupported { operation: "stuck" }))
+    }
+
+    /// For operators: deletes the in-progress record under `key` if `token` (as seen by
+    /// [`inspect`](Self::inspect)) still holds it, whether or not its lease is live, so that a
+    /// retry runs the handler again. Fenced like [`release`](Self::release): if another request
+    /// took the key over or completed it meanwhile, nothing is written and the result is
+    /// [`LedgerError::LeaseLost`].
+    ///
+    /// The default is [`release`](Self::release), which every ledger fences this way.
+    fn force_release(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send {
+        self.release(key, token)
+    }
+
+    /// For operators: deletes the record under `key` whatever its state (a stored response that
+    /// must not be replayed, say), and returns whether there was one. A holder still running
+    /// then finds its lease lost and its result is not stored.
+    ///
+    /// The default returns [`LedgerError::Unsupported`].
+    fn evict(&self, key: &LedgerKey) -> impl Future<Output = Result<bool, LedgerError>> + Send {
+        let _ = key;
+        std::future::ready(Err(LedgerError::Unsupported { operation: "evict" }))
+    }
 }
 
 impl<L: Ledger> Ledger for Arc<L> {
@@ -210,6 +268,34 @@ impl<L: Ledger> Ledger for Arc<L> {
         timeout: Duration,
     ) -> impl Future<Output = ()> + Send {
         (**self).wait_for_change(key, timeout)
+    }
+
+    fn inspect(
+        &self,
+        key: &LedgerKey,
+        with_body: bool,
+    ) -> impl Future<Output = Result<Option<RecordInfo>, LedgerError>> + Send {
+        (**self).inspect(key, with_body)
+    }
+
+    fn stuck(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<RecordInfo>, LedgerError>> + Send {
+        (**self).stuck(older_than, limit)
+    }
+
+    fn force_release(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+    ) -> impl Future<Output = Result<(), LedgerError>> + Send {
+        (**self).force_release(key, token)
+    }
+
+    fn evict(&self, key: &LedgerKey) -> impl Future<Output = Result<bool, LedgerError>> + Send {
+        (**self).evict(key)
     }
 }
 

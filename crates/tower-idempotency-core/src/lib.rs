@@ -19,6 +19,7 @@
 pub mod cache;
 mod error;
 pub mod fingerprint;
+mod inspect;
 mod key;
 mod ledger;
 mod memory;
@@ -31,6 +32,7 @@ pub mod conformance;
 pub use cache::CachedLedger;
 pub use error::{BoxError, LedgerError};
 pub use fingerprint::Fingerprint;
+pub use inspect::{Progress, RecordInfo, system_time_from_millis};
 pub use key::{IdempotencyKey, KeyError, LedgerKey, MAX_KEY_LEN, ScopeDigest};
 pub use ledger::{ClaimRequest, Ledger, MAX_DURATION, TransactionalLedger, purge_periodically};
 pub use memory::MemoryLedger;

@@ -5,14 +5,15 @@ use std::{
     fmt,
     hash::BuildHasher,
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
     Claim, ClaimRequest, Existing, FencingToken, Fingerprint, Lease, Ledger, LedgerError,
-    LedgerKey, MAX_DURATION, OperationId, RecordState, ScopeDigest, StoredResponse,
+    LedgerKey, MAX_DURATION, OperationId, Progress, RecordInfo, RecordState, ScopeDigest,
+    StoredResponse,
 };
 
 /// A ledger in this process's memory: fast, and gone when the process exits.
@@ -409,6 +410,92 @@ impl Ledger for MemoryLedger {
         };
         // A closed channel (the entry was removed) is a change too.
         let _ = tokio::time::timeout(timeout, rx.changed()).await;
+    }
+
+    async fn inspect(
+        &self,
+        key: &LedgerKey,
+        with_body: bool,
+    ) -> Result<Option<RecordInfo>, LedgerError> {
+        let now = Instant::now();
+        Ok(self
+            .records(key)
+            .get(key)
+            .filter(|entry| entry.expires_at > now)
+            .map(|entry| entry.info(key, now, with_body)))
+    }
+
+    async fn stuck(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<RecordInfo>, LedgerError> {
+        let now = Instant::now();
+        let mut found: Vec<(Instant, RecordInfo)> = Vec::new();
+        for shard in self.inner.records.iter() {
+            let records = lock(shard);
+            found.extend(records.iter().filter_map(|(key, entry)| match entry.state {
+                State::InProgress { lease_until, .. }
+                    if entry.expires_at > now
+                        && lease_until <= now
+                        && now.duration_since(lease_until) >= older_than =>
+                {
+                    Some((lease_until, entry.info(key, now, false)))
+                }
+                _ => None,
+            }));
+        }
+        found.sort_by_key(|(lease_until, _)| *lease_until);
+        Ok(found
+            .into_iter()
+            .take(limit)
+            .map(|(_, info)| info)
+            .collect())
+    }
+
+    async fn evict(&self, key: &LedgerKey) -> Result<bool, LedgerError> {
+        let removed = self.records(key).remove(key).map(|mut entry| {
+            entry.notify();
+            entry.operation_id
+        });
+        if let Some(id) = removed {
+            self.forget_operation(&id);
+        }
+        Ok(removed.is_some())
+    }
+}
+
+impl Entry {
+    fn info(&self, key: &LedgerKey, now: Instant, with_body: bool) -> RecordInfo {
+        // `Instant`s have no wall-clock meaning: place them relative to this moment.
+        let wall = SystemTime::now();
+        let at = |instant: Instant| {
+            if instant >= now {
+                wall + (instant - now)
+            } else {
+                wall - (now - instant)
+            }
+        };
+        RecordInfo {
+            key: *key,
+            scope: self.scope,
+            operation_id: self.operation_id,
+            fingerprint: self.fingerprint,
+            expires_at: at(self.expires_at),
+            progress: match &self.state {
+                State::InProgress { token, lease_until } => Progress::InProgress {
+                    token: *token,
+                    lease_until: at(*lease_until),
+                    lease_lapsed: *lease_until <= now,
+                },
+                State::Completed(response) => Progress::Completed {
+                    status: response.status,
+                    body_len: response.body.len(),
+                    body_omitted: response.body_omitted,
+                    response: with_body.then(|| response.clone()),
+                },
+            },
+        }
     }
 }
 

@@ -160,7 +160,8 @@ mod notifier;
 
 pub use error::ConfigError;
 pub use ledger::{
-    DEFAULT_PREFIX, DEFAULT_RESPONSE_TIMEOUT, RedisLedger, RedisLedgerBuilder, script_sources,
+    DEFAULT_PREFIX, DEFAULT_RESPONSE_TIMEOUT, RedisLedger, RedisLedgerBuilder, STUCK_SCAN_LIMIT,
+    script_sources,
 };
 pub use redis;
 pub use tower_idempotency_core::{

@@ -82,6 +82,9 @@ pub trait Backend: Database {
 ///   retention in milliseconds.
 /// - `release`: `1` key, `2` token. `renew`: `1` key, `2` token, `3` lease in milliseconds.
 /// - `operation`: `1` operation id, `2` scope. `purge`: `1` batch size. `held`: `1` key.
+/// - Operator calls: `inspect`: `1` key, `2` with body; `stuck`: `1` lapsed at least this many
+///   milliseconds ago, `2` limit; `evict`: `1` key. `inspect` and `stuck` return the columns
+///   [`row::info`](crate::row) reads.
 ///
 /// Exposed (hidden) for the benchmark's raw-SQL ceiling, so that it runs exactly these.
 #[doc(hidden)]
@@ -101,6 +104,12 @@ pub struct Statements {
     pub purge: SqlStr,
     /// The token of the live lease on a key.
     pub held: SqlStr,
+    /// A live record, for operators.
+    pub inspect: SqlStr,
+    /// Live claims whose lease lapsed, longest lapsed first.
+    pub stuck: SqlStr,
+    /// Deletes a record in any state.
+    pub evict: SqlStr,
 }
 
 /// A statement that is cheap to clone per call (`Arc`-backed).

@@ -8,7 +8,7 @@ use sqlx::{
 use tokio::time::Instant;
 use tower_idempotency_core::{
     Claim, ClaimRequest, FencingToken, Lease, Ledger, LedgerError, LedgerKey, OperationId,
-    RecordState, ScopeDigest, StoredResponse,
+    RecordInfo, RecordState, ScopeDigest, StoredResponse,
 };
 use uuid::Uuid;
 
@@ -149,7 +149,7 @@ where
     for<'a> &'a [u8]: Encode<'a, DB> + Type<DB>,
     for<'a> Vec<u8>: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> Uuid: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
-    for<'a> i64: Encode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> i16: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> bool: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> String: Decode<'a, DB> + Type<DB>,
@@ -245,7 +245,7 @@ where
     for<'a> &'a [u8]: Encode<'a, DB> + Type<DB>,
     for<'a> Vec<u8>: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> Uuid: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
-    for<'a> i64: Encode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> i16: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> bool: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> String: Decode<'a, DB> + Type<DB>,
@@ -360,5 +360,45 @@ where
 
     async fn wait_for_change(&self, key: &LedgerKey, timeout: Duration) {
         DB::wait_for_change(self, key, timeout).await
+    }
+
+    async fn inspect(
+        &self,
+        key: &LedgerKey,
+        with_body: bool,
+    ) -> Result<Option<RecordInfo>, LedgerError> {
+        sqlx::query(self.sql.inspect.clone())
+            .bind(&key.as_bytes()[..])
+            .bind(with_body)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(row::error)?
+            .map(|found| row::info(&found, with_body))
+            .transpose()
+    }
+
+    async fn stuck(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<RecordInfo>, LedgerError> {
+        sqlx::query(self.sql.stuck.clone())
+            .bind(row::millis(older_than))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(row::error)?
+            .iter()
+            .map(|found| row::info(found, false))
+            .collect()
+    }
+
+    async fn evict(&self, key: &LedgerKey) -> Result<bool, LedgerError> {
+        let done = sqlx::query(self.sql.evict.clone())
+            .bind(&key.as_bytes()[..])
+            .execute(&self.pool)
+            .await
+            .map_err(row::error)?;
+        Ok(DB::rows_affected(&done) > 0)
     }
 }

@@ -79,6 +79,20 @@ fn from_now(n: u8) -> String {
     format!("now() + ${n}::bigint * interval '1 millisecond'")
 }
 
+/// The columns `row::info` reads; the headers and body only if `with_body` (an SQL expression).
+fn info_columns(with_body: &str) -> String {
+    let ms = |column: &str| format!("(extract(epoch FROM {column}) * 1000)::bigint");
+    format!(
+        "key, scope, fingerprint, operation_id, token, state, {lease} AS lease_until_ms, \
+         COALESCE(lease_until <= now(), false) AS lapsed, {expires} AS expires_at_ms, status, \
+         CASE WHEN {with_body} THEN headers END AS headers, \
+         CASE WHEN {with_body} THEN body END AS body, \
+         COALESCE(length(body), 0)::bigint AS body_len, body_omitted",
+        lease = ms("lease_until"),
+        expires = ms("expires_at"),
+    )
+}
+
 /// The `NOTIFY` channel of a table: `idempotency_` and the table name (`.` as `_`), within
 /// PostgreSQL's 63-byte limit. Two long names may share a channel; that only wakes a waiter
 /// early, which the contract allows.
@@ -198,6 +212,18 @@ impl Backend for Postgres {
                 "SELECT token FROM {t} WHERE key = $1 AND state = '{IN_PROGRESS}' \
                  AND expires_at > now() AND lease_until > now()"
             )),
+            inspect: sql(format!(
+                "SELECT {info} FROM {t} WHERE key = $1 AND expires_at > now()",
+                info = info_columns("$2::boolean"),
+            )),
+            stuck: sql(format!(
+                "SELECT {info} FROM {t} WHERE state = '{IN_PROGRESS}' AND expires_at > now() \
+                   AND lease_until <= now() - $1::bigint * interval '1 millisecond' \
+                 ORDER BY lease_until LIMIT $2",
+                info = info_columns("false"),
+            )),
+            // Waiters are told, as for a release, so that they claim again at once.
+            evict: sql(format!("DELETE FROM {t} WHERE key = $1 RETURNING {notify}")),
         };
         // `held`, marking the record watched. A completion that committed first makes this
         // find no row (READ COMMITTED re-checks the WHERE against the committed row), so

@@ -6,7 +6,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use sqlx::{ColumnIndex, Decode, Row, Type};
-use tower_idempotency_core::{Existing, Fingerprint, LedgerError, RecordState, StoredResponse};
+use tower_idempotency_core::{
+    Existing, FencingToken, Fingerprint, LedgerError, LedgerKey, Progress, RecordInfo, RecordState,
+    ScopeDigest, StoredResponse, system_time_from_millis,
+};
 use uuid::Uuid;
 
 pub(crate) const IN_PROGRESS: &str = "in_progress";
@@ -92,6 +95,71 @@ where
         operation_id: uuid(row, "operation_id")?,
         state: columns(row)?.into_state()?,
         expires_in: expires_in.map(|ms| std::time::Duration::from_millis(ms.max(0) as u64)),
+    })
+}
+
+/// A 32-byte digest column.
+fn digest<R>(row: &R, column: &str) -> Result<[u8; 32], LedgerError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> Vec<u8>: Decode<'a, R::Database> + Type<R::Database>,
+{
+    let bytes: Vec<u8> = row.try_get(column).map_err(error)?;
+    <[u8; 32]>::try_from(&bytes[..]).map_err(|_| {
+        LedgerError::corrupt(format!("stored {column} is {} bytes, not 32", bytes.len()))
+    })
+}
+
+/// A record for operators, from the columns of the `inspect` and `stuck` statements (those of
+/// [`columns`] and `key`, `scope`, `fingerprint`, `operation_id`, `token`, `lease_until_ms`,
+/// `lapsed`, `expires_at_ms`, `body_len`). The response is kept only if `with_body`.
+pub(crate) fn info<R>(row: &R, with_body: bool) -> Result<RecordInfo, LedgerError>
+where
+    R: Row,
+    for<'a> &'a str: ColumnIndex<R>,
+    for<'a> String: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i16: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> i64: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> Vec<u8>: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> bool: Decode<'a, R::Database> + Type<R::Database>,
+    for<'a> Uuid: Decode<'a, R::Database> + Type<R::Database>,
+{
+    let stored = columns(row)?;
+    let progress = match stored.state.as_str() {
+        IN_PROGRESS => {
+            let lease_until: Option<i64> = row.try_get("lease_until_ms").map_err(error)?;
+            let lease_until = lease_until
+                .ok_or_else(|| LedgerError::corrupt("an in-progress record has no lease"))?;
+            Progress::InProgress {
+                token: FencingToken::from_uuid(uuid(row, "token")?),
+                lease_until: system_time_from_millis(lease_until),
+                lease_lapsed: row.try_get("lapsed").map_err(error)?,
+            }
+        }
+        _ => {
+            let body_len: i64 = row.try_get("body_len").map_err(error)?;
+            let RecordState::Completed(response) = stored.into_state()? else {
+                return Err(LedgerError::corrupt(
+                    "a record neither in progress nor completed",
+                ));
+            };
+            Progress::Completed {
+                status: response.status,
+                body_len: usize::try_from(body_len).unwrap_or(0),
+                body_omitted: response.body_omitted,
+                response: with_body.then_some(response),
+            }
+        }
+    };
+    let expires_at: i64 = row.try_get("expires_at_ms").map_err(error)?;
+    Ok(RecordInfo {
+        key: LedgerKey::from_bytes(digest(row, "key")?),
+        scope: ScopeDigest::from_bytes(digest(row, "scope")?),
+        operation_id: uuid(row, "operation_id")?,
+        fingerprint: Fingerprint::from_bytes(digest(row, "fingerprint")?),
+        expires_at: system_time_from_millis(expires_at),
+        progress,
     })
 }
 

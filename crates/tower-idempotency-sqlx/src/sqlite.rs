@@ -84,6 +84,17 @@ pub type SqliteLedger = SqlLedger<Sqlite>;
 /// every use within one statement.
 const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
+/// The columns `row::info` reads; the headers and body only if `with_body` (an SQL expression).
+fn info_columns(with_body: &str) -> String {
+    format!(
+        "key, scope, fingerprint, operation_id, token, state, lease_until AS lease_until_ms, \
+         COALESCE(lease_until <= {NOW}, 0) AS lapsed, expires_at AS expires_at_ms, status, \
+         CASE WHEN {with_body} THEN headers END AS headers, \
+         CASE WHEN {with_body} THEN body END AS body, \
+         COALESCE(length(body), 0) AS body_len, body_omitted"
+    )
+}
+
 /// The SQLite ledger's own statement: the record a claim lost to (`1` key).
 #[derive(Debug)]
 pub struct ReadBack {
@@ -161,6 +172,16 @@ impl Backend for Sqlite {
                 "SELECT token FROM {t} WHERE key = ?1 AND state = '{IN_PROGRESS}' \
                  AND expires_at > {NOW} AND lease_until > {NOW}"
             )),
+            inspect: sql(format!(
+                "SELECT {info} FROM {t} WHERE key = ?1 AND expires_at > {NOW}",
+                info = info_columns("?2"),
+            )),
+            stuck: sql(format!(
+                "SELECT {info} FROM {t} WHERE state = '{IN_PROGRESS}' AND expires_at > {NOW} \
+                   AND lease_until <= {NOW} - ?1 ORDER BY lease_until LIMIT ?2",
+                info = info_columns("0"),
+            )),
+            evict: sql(format!("DELETE FROM {t} WHERE key = ?1")),
         };
         let existing = sql(format!(
             "SELECT fingerprint, operation_id, state, status, headers, body, body_omitted, \

@@ -20,7 +20,7 @@ where
     for<'a> &'a [u8]: Encode<'a, DB> + Type<DB>,
     for<'a> Vec<u8>: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> Uuid: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
-    for<'a> i64: Encode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> i16: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> bool: Encode<'a, DB> + Decode<'a, DB> + Type<DB>,
     for<'a> String: Decode<'a, DB> + Type<DB>,

@@ -53,6 +53,55 @@ impl<L> IdempotencyLayer<L> {
     }
 }
 
+impl<L: tower_idempotency_core::Ledger> IdempotencyLayer<L> {
+    /// Purges expired records every `every`, `batch` at a time, until the returned future is
+    /// dropped, as [`purge_periodically`](tower_idempotency_core::purge_periodically) does, and
+    /// counts them in the layer's `idempotency.purged` metric (feature `opentelemetry`). Spawn
+    /// it once per ledger; the first purge runs at once. A failed purge is logged and retried at
+    /// the next tick.
+    ///
+    /// ```
+    /// # async fn run() {
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryLedger};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryLedger::new());
+    /// tokio::spawn(layer.purge_task(Duration::from_secs(60), 1_000));
+    /// # }
+    /// ```
+    pub fn purge_task(
+        &self,
+        every: std::time::Duration,
+        batch: usize,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let shared = self.shared.clone();
+        async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let ledger = &shared.ledger;
+                match ledger.purge_expired(batch).await {
+                    Ok(0) => {}
+                    Ok(purged) => {
+                        shared.config.telemetry.purged(ledger.name(), purged);
+                        tracing::debug!(
+                            ledger = ledger.name(),
+                            purged,
+                            "purged expired idempotency records"
+                        );
+                    }
+                    Err(error) => tracing::warn!(
+                        ledger = ledger.name(),
+                        %error,
+                        "purging expired idempotency records failed"
+                    ),
+                }
+            }
+        }
+    }
+}
+
 impl<L> Clone for IdempotencyLayer<L> {
     fn clone(&self) -> Self {
         Self {

@@ -207,6 +207,7 @@ where
             _ => None,
         };
         let mut waited = false;
+        let mut wait_started: Option<Instant> = None;
         let lease = loop {
             let claim = ClaimRequest::new(
                 ledger_key,
@@ -245,9 +246,16 @@ where
                 tracing::field::display(existing.operation_id),
             );
             match settle_existing(&shared, existing, fingerprint, waited, deadline) {
-                Ok(response) => return Ok(response),
+                Ok(response) => {
+                    if let Some(started) = wait_started {
+                        let outcome = response.extensions().get::<Outcome>().copied();
+                        telemetry.waited(started.elapsed(), outcome.unwrap_or(Outcome::Waited));
+                    }
+                    return Ok(response);
+                }
                 Err(deadline) => {
                     waited = true;
+                    wait_started.get_or_insert_with(Instant::now);
                     let now = Instant::now();
                     let wait = ledger.wait_for_change(&ledger_key, deadline - now);
                     Box::pin(telemetry.ledger(ledger.name(), "wait", wait)).await;
@@ -262,6 +270,12 @@ where
         if lease.taken_over {
             telemetry.takeover();
         }
+        if let Some(started) = wait_started {
+            telemetry.waited(started.elapsed(), Outcome::Executed);
+        }
+        // Counted until the result is recorded or released: `run` below, in this future, which
+        // a disconnect moves into a task of its own rather than drop.
+        let _in_flight = telemetry.in_flight();
         let token = lease.token;
         // The handler's downstream keys derive from the ledger key: the same on every run.
         let mut parts = parts;

@@ -11,6 +11,13 @@
 //! - `idempotency.ledger.duration` (histogram, seconds), by `operation` and `ledger`.
 //! - `idempotency.lease.takeovers` (counter): claims that took over an expired lease.
 //! - `idempotency.stored.bytes` (histogram, bytes): the size of each stored response.
+//! - `idempotency.in_flight` (up-down counter): claims this instance holds, from a won claim
+//!   until its result is recorded or released (handlers finishing after a disconnect included).
+//! - `idempotency.wait.duration` (histogram, seconds): how long a duplicate under the `Wait`
+//!   policy was held, by `outcome` (`waited`, `conflict` at the timeout, `executed` when the
+//!   first request released the key and the duplicate ran the handler).
+//! - `idempotency.purged` (counter): expired records deleted by
+//!   [`IdempotencyLayer::purge_task`](crate::IdempotencyLayer::purge_task), by `ledger`.
 
 use std::future::Future;
 #[cfg(feature = "opentelemetry")]
@@ -31,6 +38,30 @@ pub(crate) struct Telemetry {
     meter: Option<Meter>,
     #[cfg(feature = "opentelemetry")]
     metrics: OnceLock<Metrics>,
+    #[cfg(feature = "opentelemetry")]
+    on_call: OnceLock<OnCallMetrics>,
+}
+
+/// The on-call metrics (issue 16), apart from the others.
+#[cfg(feature = "opentelemetry")]
+struct OnCallMetrics {
+    in_flight: opentelemetry::metrics::UpDownCounter<i64>,
+    wait_duration: Histogram<f64>,
+    purged: Counter<u64>,
+}
+
+/// One claim held by this instance, counted in `idempotency.in_flight` until dropped (the
+/// request's future is dropped when its result is recorded, or its task ends).
+pub(crate) struct InFlight {
+    #[cfg(feature = "opentelemetry")]
+    counter: opentelemetry::metrics::UpDownCounter<i64>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        #[cfg(feature = "opentelemetry")]
+        self.counter.add(-1, &[]);
+    }
 }
 
 #[cfg(feature = "opentelemetry")]
@@ -50,6 +81,8 @@ impl Telemetry {
             meter: None,
             #[cfg(feature = "opentelemetry")]
             metrics: OnceLock::new(),
+            #[cfg(feature = "opentelemetry")]
+            on_call: OnceLock::new(),
         }
     }
 
@@ -58,6 +91,7 @@ impl Telemetry {
         Self {
             meter: Some(meter),
             metrics: OnceLock::new(),
+            on_call: OnceLock::new(),
         }
     }
 
@@ -89,6 +123,64 @@ impl Telemetry {
                     .build(),
             }
         })
+    }
+
+    #[cfg(feature = "opentelemetry")]
+    fn on_call(&self) -> &OnCallMetrics {
+        self.on_call.get_or_init(|| {
+            let meter = self
+                .meter
+                .clone()
+                .unwrap_or_else(|| opentelemetry::global::meter("tower-idempotency"));
+            OnCallMetrics {
+                in_flight: meter
+                    .i64_up_down_counter("idempotency.in_flight")
+                    .with_description("Claims this instance holds: handlers running under a lease")
+                    .build(),
+                wait_duration: meter
+                    .f64_histogram("idempotency.wait.duration")
+                    .with_unit("s")
+                    .with_description("How long duplicates under the Wait policy were held")
+                    .build(),
+                purged: meter
+                    .u64_counter("idempotency.purged")
+                    .with_description("Expired records deleted by the purge task")
+                    .build(),
+            }
+        })
+    }
+
+    /// Counts a won claim in `idempotency.in_flight` until the guard is dropped.
+    pub(crate) fn in_flight(&self) -> InFlight {
+        #[cfg(feature = "opentelemetry")]
+        {
+            let counter = self.on_call().in_flight.clone();
+            counter.add(1, &[]);
+            InFlight { counter }
+        }
+        #[cfg(not(feature = "opentelemetry"))]
+        InFlight {}
+    }
+
+    /// A `Wait` duplicate was held for `waited`, and ended as `outcome`.
+    pub(crate) fn waited(&self, waited: std::time::Duration, outcome: Outcome) {
+        #[cfg(feature = "opentelemetry")]
+        self.on_call().wait_duration.record(
+            waited.as_secs_f64(),
+            &[KeyValue::new("outcome", outcome.as_str())],
+        );
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (waited, outcome);
+    }
+
+    /// The purge task deleted `purged` expired records from `ledger`.
+    pub(crate) fn purged(&self, ledger: &'static str, purged: u64) {
+        #[cfg(feature = "opentelemetry")]
+        self.on_call()
+            .purged
+            .add(purged, &[KeyValue::new("ledger", ledger)]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (ledger, purged);
     }
 
     pub(crate) fn outcome(&self, outcome: Outcome) {

@@ -74,3 +74,253 @@ async fn the_outcome_counter_counts_by_outcome() {
     ledger_ops.dedup();
     assert_eq!(ledger_ops, ["claim", "complete"]);
 }
+
+/// One exported data point: metric name, attributes (`key=value`, sorted) and value.
+type Point = (String, Vec<String>, f64);
+
+/// Flushes `provider` and returns the points of that export (cumulative totals).
+fn snapshot(provider: &SdkMeterProvider, exporter: &InMemoryMetricExporter) -> Vec<Point> {
+    exporter.reset();
+    provider.force_flush().unwrap();
+    let mut points = Vec::new();
+    let attrs = |kvs: &mut dyn Iterator<Item = &opentelemetry::KeyValue>| {
+        let mut out: Vec<String> = kvs.map(|kv| format!("{}={}", kv.key, kv.value)).collect();
+        out.sort();
+        out
+    };
+    for resource in exporter.get_finished_metrics().unwrap() {
+        for scope in resource.scope_metrics() {
+            for metric in scope.metrics() {
+                let name = metric.name().to_owned();
+                match metric.data() {
+                    AggregatedMetrics::U64(MetricData::Sum(sum)) => {
+                        for p in sum.data_points() {
+                            points.push((
+                                name.clone(),
+                                attrs(&mut p.attributes()),
+                                p.value() as f64,
+                            ));
+                        }
+                    }
+                    AggregatedMetrics::I64(MetricData::Sum(sum)) => {
+                        for p in sum.data_points() {
+                            points.push((
+                                name.clone(),
+                                attrs(&mut p.attributes()),
+                                p.value() as f64,
+                            ));
+                        }
+                    }
+                    AggregatedMetrics::U64(MetricData::Histogram(h)) => {
+                        for p in h.data_points() {
+                            points.push((
+                                name.clone(),
+                                attrs(&mut p.attributes()),
+                                p.count() as f64,
+                            ));
+                        }
+                    }
+                    AggregatedMetrics::F64(MetricData::Histogram(h)) => {
+                        for p in h.data_points() {
+                            points.push((
+                                name.clone(),
+                                attrs(&mut p.attributes()),
+                                p.count() as f64,
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    points
+}
+
+/// The value of `name` with exactly `attributes`, if exported.
+fn value(points: &[Point], name: &str, attributes: &[&str]) -> Option<f64> {
+    points
+        .iter()
+        .find(|(n, a, _)| n == name && a.iter().map(String::as_str).eq(attributes.iter().copied()))
+        .map(|(_, _, v)| *v)
+}
+
+fn unkeyed() -> axum::http::Request<axum::body::Body> {
+    axum::http::Request::post("/payments")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from("{}"))
+        .unwrap()
+}
+
+/// Every outcome value, the takeovers counter, the stored-bytes histogram, the in-flight gauge,
+/// the wait histogram and the purge counter, each with its attributes (and never a key).
+#[tokio::test]
+async fn every_metric_and_every_outcome_is_recorded_with_its_attributes() {
+    use tower_idempotency::{InProgress, LedgerFailure, MissingKey};
+    use tower_idempotency_core::conformance::FaultyLedger;
+
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(exporter.clone()).build())
+        .build();
+    let meter = provider.meter("test");
+    let slow = Duration::from_millis(400);
+    let layer = |policy: InProgress| {
+        IdempotencyLayer::builder(MemoryLedger::new())
+            .with_meter(meter.clone())
+            .with_in_progress(policy)
+            .build()
+            .unwrap()
+    };
+
+    // executed, replayed, mismatch, rejected; stored bytes.
+    let app = payments(Runs::default(), Duration::ZERO).layer(layer(InProgress::Conflict));
+    send(&app, pay("a", "{}")).await;
+    send(&app, pay("a", "{}")).await;
+    send(&app, pay("a", "{\"x\":1}")).await;
+    send(&app, unkeyed()).await;
+
+    // conflict, with the in-flight gauge at 1 while the first request runs.
+    let app = payments(Runs::default(), slow).layer(layer(InProgress::Conflict));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay("c", "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&app, pay("c", "{}")).await;
+    let during = snapshot(&provider, &exporter);
+    assert_eq!(
+        value(&during, "idempotency.in_flight", &[]),
+        Some(1.0),
+        "{during:?}"
+    );
+    first.await.unwrap();
+
+    // accepted.
+    let app = payments(Runs::default(), slow).layer(layer(InProgress::Accepted));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay("d", "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&app, pay("d", "{}")).await;
+    first.await.unwrap();
+
+    // waited, and how long.
+    let app = payments(Runs::default(), slow).layer(layer(InProgress::Wait {
+        timeout: Duration::from_secs(5),
+    }));
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay("w", "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    send(&app, pay("w", "{}")).await;
+    first.await.unwrap();
+
+    // bypassed.
+    let allow = IdempotencyLayer::builder(MemoryLedger::new())
+        .with_meter(meter.clone())
+        .with_missing_key(MissingKey::Allow)
+        .build()
+        .unwrap();
+    send(
+        &payments(Runs::default(), Duration::ZERO).layer(allow),
+        unkeyed(),
+    )
+    .await;
+
+    // ledger_error.
+    let failing = FaultyLedger::new(MemoryLedger::new());
+    failing.faults().fail_all(true);
+    let broken = IdempotencyLayer::builder(failing)
+        .with_meter(meter.clone())
+        .with_ledger_failure(LedgerFailure::FailClosed)
+        .build()
+        .unwrap();
+    send(
+        &payments(Runs::default(), Duration::ZERO).layer(broken),
+        pay("e", "{}"),
+    )
+    .await;
+
+    // a takeover: the first holder's renewals are lost, its lease lapses, the retry takes over.
+    let stalled = FaultyLedger::new(MemoryLedger::new());
+    stalled.faults().drop_renewals(true);
+    let takeover = IdempotencyLayer::builder(stalled)
+        .with_meter(meter.clone())
+        .with_lease(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let app = payments(Runs::default(), slow).layer(takeover);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay("t", "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    send(&app, pay("t", "{}")).await;
+    first.await.unwrap();
+
+    // purged.
+    let expiring = IdempotencyLayer::builder(MemoryLedger::new())
+        .with_meter(meter.clone())
+        .with_lease(Duration::from_millis(50))
+        .with_retention(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    send(
+        &payments(Runs::default(), Duration::ZERO).layer(expiring.clone()),
+        pay("p", "{}"),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first tick purges at once; the next is an hour away.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(200),
+        expiring.purge_task(Duration::from_secs(3600), 10),
+    )
+    .await;
+
+    let points = snapshot(&provider, &exporter);
+    let outcome = |o: &str| value(&points, "idempotency.outcomes", &[&format!("outcome={o}")]);
+    // a, c, d, w, t (twice: the first holder and the retry), p.
+    assert_eq!(outcome("executed"), Some(7.0), "{points:?}");
+    assert_eq!(outcome("replayed"), Some(1.0), "{points:?}");
+    assert_eq!(outcome("mismatch"), Some(1.0), "{points:?}");
+    assert_eq!(outcome("rejected"), Some(1.0), "{points:?}");
+    assert_eq!(outcome("conflict"), Some(1.0), "{points:?}");
+    assert_eq!(outcome("accepted"), Some(1.0), "{points:?}");
+    assert_eq!(outcome("waited"), Some(1.0), "{points:?}");
+    assert_eq!(outcome("bypassed"), Some(1.0), "{points:?}");
+    assert_eq!(outcome("ledger_error"), Some(1.0), "{points:?}");
+    assert_eq!(
+        value(&points, "idempotency.lease.takeovers", &[]),
+        Some(1.0)
+    );
+    // Stored responses: a, c, d, w, t (only the retry's completion holds the lease), p.
+    assert_eq!(value(&points, "idempotency.stored.bytes", &[]), Some(6.0));
+    assert_eq!(
+        value(&points, "idempotency.wait.duration", &["outcome=waited"]),
+        Some(1.0),
+        "{points:?}"
+    );
+    assert_eq!(
+        value(&points, "idempotency.in_flight", &[]),
+        Some(0.0),
+        "every claim ended"
+    );
+    assert_eq!(
+        value(&points, "idempotency.purged", &["ledger=memory"]),
+        Some(1.0),
+        "{points:?}"
+    );
+    for (name, attributes, _) in &points {
+        for attribute in attributes {
+            let key = attribute.split('=').next().unwrap();
+            assert!(
+                ["outcome", "operation", "ledger"].contains(&key),
+                "{name} has a label {attribute}: never a key or digest"
+            );
+        }
+    }
+}

@@ -12,8 +12,8 @@ use std::{
 };
 
 use crate::{
-    Claim, ClaimRequest, FencingToken, Ledger, LedgerError, LedgerKey, OperationId, RecordState,
-    ScopeDigest, StoredResponse, TransactionalLedger,
+    Claim, ClaimRequest, FencingToken, Ledger, LedgerError, LedgerKey, OperationId, RecordInfo,
+    RecordState, ScopeDigest, StoredResponse, TransactionalLedger,
 };
 
 /// A ledger call, as [`Faults`] names it.
@@ -268,6 +268,35 @@ impl<L: Ledger> Ledger for FaultyLedger<L> {
         if self.faults.enter(Op::Wait).await.is_ok() {
             self.inner.wait_for_change(key, timeout).await;
         }
+    }
+
+    fn expires_records_itself(&self) -> bool {
+        self.inner.expires_records_itself()
+    }
+
+    // The operator calls pass straight through: faults are for the request path.
+    async fn inspect(
+        &self,
+        key: &LedgerKey,
+        with_body: bool,
+    ) -> Result<Option<RecordInfo>, LedgerError> {
+        self.inner.inspect(key, with_body).await
+    }
+
+    async fn stuck(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<RecordInfo>, LedgerError> {
+        self.inner.stuck(older_than, limit).await
+    }
+
+    async fn force_release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
+        self.inner.force_release(key, token).await
+    }
+
+    async fn evict(&self, key: &LedgerKey) -> Result<bool, LedgerError> {
+        self.inner.evict(key).await
     }
 }
 

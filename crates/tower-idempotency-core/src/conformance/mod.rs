@@ -173,6 +173,10 @@ macro_rules! conformance_checks {
             purge_deletes_only_expired,
             large_binary_response_round_trips,
             waiters_see_completion,
+            inspect_reports_each_state,
+            stuck_lists_lapsed_claims,
+            force_release_is_fenced,
+            evict_deletes_any_state,
         }
     };
 }
