@@ -57,14 +57,17 @@
 
 mod answer;
 mod body;
+mod breaker;
 mod builder;
 mod capture;
 mod config;
+mod drain;
 mod duplicate;
 mod future;
 mod intake;
 mod layer;
 mod lease;
+mod ledger_call;
 #[cfg(feature = "axum")]
 mod operations;
 mod outcome;
@@ -75,8 +78,10 @@ pub mod telemetry;
 mod transaction;
 
 pub use body::ResponseBody;
+pub use breaker::CircuitBreaker;
 pub use builder::{ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey};
 pub use config::is_stored_by_default;
+pub use drain::DrainHandle;
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;

@@ -32,6 +32,14 @@
 //! # ledger-unavailable
 //! 503: the idempotency ledger could not be reached, so the request was not run.
 //!
+//! # overloaded
+//! 503: the layer holds as many requests as its in-flight cap allows; the request was not run.
+//! Retry after `Retry-After` seconds.
+//!
+//! # shutting-down
+//! 503: the server is draining for shutdown; the request was not run. Retry after
+//! `Retry-After` seconds (another instance, or this one after its restart, will take it).
+//!
 //! # handler-failed
 //! 500: the handler panicked or its response body failed; the key was released, so a retry runs
 //! the handler again.
@@ -66,8 +74,12 @@ pub enum RejectionKind {
     Accepted,
     /// No such operation in the caller's scope.
     OperationNotFound,
-    /// The ledger failed.
+    /// The ledger failed, timed out, or its circuit breaker is open.
     LedgerUnavailable,
+    /// The layer's in-flight cap is reached.
+    Overloaded,
+    /// The layer is draining for shutdown.
+    ShuttingDown,
     /// The handler panicked, or its response body failed.
     HandlerFailed,
 }
@@ -85,6 +97,8 @@ impl RejectionKind {
             Self::Accepted => "operation-accepted",
             Self::OperationNotFound => "operation-not-found",
             Self::LedgerUnavailable => "ledger-unavailable",
+            Self::Overloaded => "overloaded",
+            Self::ShuttingDown => "shutting-down",
             Self::HandlerFailed => "handler-failed",
         }
     }
@@ -98,7 +112,9 @@ impl RejectionKind {
             Self::InProgress => StatusCode::CONFLICT,
             Self::Accepted => StatusCode::ACCEPTED,
             Self::OperationNotFound => StatusCode::NOT_FOUND,
-            Self::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LedgerUnavailable | Self::Overloaded | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::HandlerFailed => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -115,6 +131,8 @@ impl RejectionKind {
             Self::Accepted => "Request accepted and in progress",
             Self::OperationNotFound => "Operation not found",
             Self::LedgerUnavailable => "Idempotency ledger unavailable",
+            Self::Overloaded => "Too many requests in flight",
+            Self::ShuttingDown => "Shutting down",
             Self::HandlerFailed => "Request failed",
         }
     }

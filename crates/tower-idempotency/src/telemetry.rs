@@ -11,6 +11,15 @@
 //! - `idempotency.ledger.duration` (histogram, seconds), by `operation` and `ledger`.
 //! - `idempotency.lease.takeovers` (counter): claims that took over an expired lease.
 //! - `idempotency.stored.bytes` (histogram, bytes): the size of each stored response.
+//! - `idempotency.ledger.timeouts` (counter), by `operation`: ledger calls that missed the
+//!   ledger timeout.
+//! - `idempotency.lease.lost` (counter), by `cause`: handlers that lost their lease while
+//!   running, `taken_over` (a renewal was refused: another request holds the key) or `expired`
+//!   (no renewal got through before the lease ran out).
+//! - `idempotency.lease.ceiling` (counter): handlers still running at the maximum handler time,
+//!   whose renewals stopped.
+//! - `idempotency.breaker.state` (gauge): the ledger circuit breaker, 0 closed, 1 open,
+//!   2 half-open (one probe in flight).
 
 use std::future::Future;
 #[cfg(feature = "opentelemetry")]
@@ -19,11 +28,11 @@ use std::{sync::OnceLock, time::Instant};
 #[cfg(feature = "opentelemetry")]
 use opentelemetry::{
     KeyValue,
-    metrics::{Counter, Histogram, Meter},
+    metrics::{Counter, Gauge, Histogram, Meter},
 };
 use tracing::Instrument;
 
-use crate::Outcome;
+use crate::{Outcome, breaker::BreakerState};
 
 /// The layer's spans, and with the `opentelemetry` feature its metrics.
 pub(crate) struct Telemetry {
@@ -39,6 +48,10 @@ struct Metrics {
     ledger_duration: Histogram<f64>,
     takeovers: Counter<u64>,
     stored_bytes: Histogram<u64>,
+    ledger_timeouts: Counter<u64>,
+    lease_lost: Counter<u64>,
+    lease_ceiling: Counter<u64>,
+    breaker_state: Gauge<u64>,
 }
 
 impl Telemetry {
@@ -87,6 +100,28 @@ impl Telemetry {
                     .with_unit("By")
                     .with_description("Size of each stored response")
                     .build(),
+                ledger_timeouts: meter
+                    .u64_counter("idempotency.ledger.timeouts")
+                    .with_description("Ledger calls that missed the ledger timeout, by operation")
+                    .build(),
+                lease_lost: meter
+                    .u64_counter("idempotency.lease.lost")
+                    .with_description("Running handlers that lost their lease, by cause")
+                    .build(),
+                lease_ceiling: meter
+                    .u64_counter("idempotency.lease.ceiling")
+                    .with_description(
+                        "Handlers still running at the maximum handler time; renewals stopped",
+                    )
+                    .build(),
+                breaker_state: {
+                    let gauge = meter
+                        .u64_gauge("idempotency.breaker.state")
+                        .with_description("Ledger circuit breaker: 0 closed, 1 open, 2 half-open")
+                        .build();
+                    gauge.record(BreakerState::Closed as u64, &[]);
+                    gauge
+                },
             }
         })
     }
@@ -110,6 +145,36 @@ impl Telemetry {
         self.metrics().stored_bytes.record(bytes as u64, &[]);
         #[cfg(not(feature = "opentelemetry"))]
         let _ = bytes;
+    }
+
+    pub(crate) fn ledger_timeout(&self, operation: &'static str) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics()
+            .ledger_timeouts
+            .add(1, &[KeyValue::new("operation", operation)]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = operation;
+    }
+
+    pub(crate) fn lease_lost(&self, cause: &'static str) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics()
+            .lease_lost
+            .add(1, &[KeyValue::new("cause", cause)]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = cause;
+    }
+
+    pub(crate) fn lease_ceiling(&self) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics().lease_ceiling.add(1, &[]);
+    }
+
+    pub(crate) fn breaker_state(&self, state: BreakerState) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics().breaker_state.record(state as u64, &[]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = state;
     }
 
     /// Runs one ledger call in its own span and records its latency.

@@ -39,6 +39,9 @@ async fn a_stalled_renewal_never_runs_a_live_handler_twice() {
         let (first, _) = first.await.unwrap();
         assert_eq!(first.status(), StatusCode::CREATED, "trial {trial}");
         assert_eq!(runs.get(), 1, "trial {trial}: the handler ran twice");
-        assert!(ledger.faults().calls(Op::Renew) >= 2, "trial {trial}: renewal was retried");
+        assert!(
+            ledger.faults().calls(Op::Renew) >= 2,
+            "trial {trial}: renewal was retried"
+        );
     }
 }
