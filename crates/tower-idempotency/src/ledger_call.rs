@@ -124,9 +124,9 @@ impl<L: Ledger> Shared<L> {
                     open_for = ?settings.open_for,
                     "the idempotency ledger keeps failing; circuit breaker open: covered requests get 503 without a ledger call"
                 ),
-                _ => tracing::warn!(state = state.as_str(), "idempotency ledger circuit breaker"),
+                _ => tracing::info!(state = state.as_str(), "idempotency ledger circuit breaker"),
             }
-            config.telemetry.breaker_state(state);
+            config.telemetry.breaker_state(self.ledger.name(), state);
         }
         drop(attempt);
         result

@@ -19,7 +19,7 @@
 //! - `idempotency.lease.ceiling` (counter): handlers still running at the maximum handler time,
 //!   whose renewals stopped.
 //! - `idempotency.breaker.state` (gauge): the ledger circuit breaker, 0 closed, 1 open,
-//!   2 half-open (one probe in flight).
+//!   2 half-open (one probe in flight), recorded at each change, by `ledger`.
 
 use std::future::Future;
 #[cfg(feature = "opentelemetry")]
@@ -170,11 +170,13 @@ impl Telemetry {
         self.metrics().lease_ceiling.add(1, &[]);
     }
 
-    pub(crate) fn breaker_state(&self, state: BreakerState) {
+    pub(crate) fn breaker_state(&self, ledger: &'static str, state: BreakerState) {
         #[cfg(feature = "opentelemetry")]
-        self.metrics().breaker_state.record(state as u64, &[]);
+        self.metrics()
+            .breaker_state
+            .record(state as u64, &[KeyValue::new("ledger", ledger)]);
         #[cfg(not(feature = "opentelemetry"))]
-        let _ = state;
+        let _ = (ledger, state);
     }
 
     /// Runs one ledger call in its own span and records its latency.
