@@ -11,7 +11,7 @@ use axum::{
     routing::get,
 };
 use serde::Deserialize;
-use tower_idempotency::{ConfigError, IdempotencyLayer, InProgress, LedgerTx};
+use tower_idempotency::{ConfigError, DrainHandle, IdempotencyLayer, InProgress, LedgerTx};
 
 use crate::{
     auth::{self, Tenant},
@@ -106,7 +106,19 @@ pub fn app<L: PaymentLedger>(
     store: Store,
     settings: &Settings,
 ) -> Result<Router, ConfigError> {
+    app_with_drain(ledger, store, settings).map(|(router, _)| router)
+}
+
+/// [`app`], and the idempotency layer's [`DrainHandle`] for a graceful shutdown: on SIGTERM,
+/// `drain` refuses new payments (503 `shutting-down`) and waits for those in flight, including
+/// handlers whose client left.
+pub fn app_with_drain<L: PaymentLedger>(
+    ledger: L,
+    store: Store,
+    settings: &Settings,
+) -> Result<(Router, DrainHandle), ConfigError> {
     let layer = idempotency_layer(ledger, settings)?;
+    let drain = layer.drain_handle();
     let state = Arc::new(AppState {
         store,
         processor: Processor::new(settings.latency, settings.fail_rate),
@@ -123,13 +135,14 @@ pub fn app<L: PaymentLedger>(
         .layer(layer.clone())
         .merge(layer.operation_router())
         .layer(middleware::from_fn(auth::authenticate));
-    Ok(Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .with_state(state.clone())
         .merge(protected.with_state(state))
         .fallback(crate::problem::not_found)
         .method_not_allowed_fallback(crate::problem::method_not_allowed)
-        .layer(middleware::from_fn(http_trace::trace)))
+        .layer(middleware::from_fn(http_trace::trace));
+    Ok((router, drain))
 }
 
 /// `POST /payments`, exactly-once: charge, then write the payment in the idempotency layer's
