@@ -3,6 +3,8 @@
 //! ledger timeout plus a margin, no handler runs without a claim, and the circuit breaker opens;
 //! once forwarding resumes, the service recovers by itself and no key ran twice.
 
+#![allow(clippy::unwrap_used)] // tests may panic
+
 mod common;
 
 use std::{
