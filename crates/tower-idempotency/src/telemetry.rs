@@ -156,6 +156,24 @@ impl Telemetry {
         let _ = operation;
     }
 
+    pub(crate) fn ledger_latency(
+        &self,
+        ledger: &'static str,
+        operation: &'static str,
+        elapsed: std::time::Duration,
+    ) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics().ledger_duration.record(
+            elapsed.as_secs_f64(),
+            &[
+                KeyValue::new("operation", operation),
+                KeyValue::new("ledger", ledger),
+            ],
+        );
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (ledger, operation, elapsed);
+    }
+
     pub(crate) fn lease_lost(&self, cause: &'static str) {
         #[cfg(feature = "opentelemetry")]
         self.metrics()
@@ -179,36 +197,42 @@ impl Telemetry {
         let _ = (ledger, state);
     }
 
-    /// Runs one ledger call in its own span and records its latency.
+    /// Runs one ledger call in its own span and records its latency. Not an `async fn`, which
+    /// would hold `call` twice (as an argument and inside the span's wrapper).
     #[cfg(feature = "opentelemetry")]
-    pub(crate) async fn ledger<T>(
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold the call twice (see above)"
+    )]
+    pub(crate) fn ledger<T>(
         &self,
         ledger: &'static str,
         operation: &'static str,
         call: impl Future<Output = T>,
-    ) -> T {
-        let span = tracing::info_span!("idempotency.ledger", operation, ledger);
-        let started = Instant::now();
-        let result = call.instrument(span).await;
-        self.metrics().ledger_duration.record(
-            started.elapsed().as_secs_f64(),
-            &[
-                KeyValue::new("operation", operation),
-                KeyValue::new("ledger", ledger),
-            ],
-        );
-        result
+    ) -> impl Future<Output = T> {
+        let call = call.instrument(tracing::info_span!("idempotency.ledger", operation, ledger));
+        async move {
+            let started = Instant::now();
+            let result = call.await;
+            self.metrics().ledger_duration.record(
+                started.elapsed().as_secs_f64(),
+                &[
+                    KeyValue::new("operation", operation),
+                    KeyValue::new("ledger", ledger),
+                ],
+            );
+            result
+        }
     }
 
     /// Runs one ledger call in its own span.
     #[cfg(not(feature = "opentelemetry"))]
-    pub(crate) async fn ledger<T>(
+    pub(crate) fn ledger<T>(
         &self,
         ledger: &'static str,
         operation: &'static str,
         call: impl Future<Output = T>,
-    ) -> T {
-        let span = tracing::info_span!("idempotency.ledger", operation, ledger);
-        call.instrument(span).await
+    ) -> impl Future<Output = T> {
+        call.instrument(tracing::info_span!("idempotency.ledger", operation, ledger))
     }
 }
