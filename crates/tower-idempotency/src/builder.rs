@@ -345,7 +345,7 @@ impl<L> IdempotencyLayerBuilder<L> {
     /// lookup). A claim past it is a ledger failure (503, or fail open); a renewal past it is
     /// retried at once; a completion past it is retried while the lease lasts. At most a third of
     /// the lease, so that a renewal can time out and be retried inside one lease.
-    /// Default: a sixth of the lease, at most 5 s (5 s for the default 30 s lease).
+    /// Default: a quarter of the lease, at most 5 s (5 s for the default 30 s lease).
     #[must_use = "this returns the changed builder; it does not change it in place"]
     pub fn with_ledger_timeout(mut self, timeout: Duration) -> Self {
         self.config.ledger_timeout = Some(timeout);

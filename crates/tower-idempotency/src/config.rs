@@ -85,10 +85,10 @@ impl Config {
         }
     }
 
-    /// The deadline of each ledger call: as set, or a sixth of the lease, at most 5 s.
+    /// The deadline of each ledger call: as set, or a quarter of the lease, at most 5 s.
     pub(crate) fn ledger_timeout(&self) -> Duration {
         self.ledger_timeout
-            .unwrap_or_else(|| (self.lease / 6).min(DEFAULT_MAX_LEDGER_TIMEOUT))
+            .unwrap_or_else(|| (self.lease / 4).min(DEFAULT_MAX_LEDGER_TIMEOUT))
     }
 
     pub(crate) fn retry_after_secs(&self) -> u64 {

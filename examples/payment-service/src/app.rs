@@ -80,7 +80,10 @@ pub fn idempotency_layer<L: PaymentLedger>(
         .with_methods([axum::http::Method::POST])
         .with_missing_key(tower_idempotency::MissingKey::Reject)
         .with_in_progress(settings.in_progress)
-        .with_lease(settings.lease);
+        .with_lease(settings.lease)
+        // The longest deadline the lease allows (the crash tests run with 400 ms leases against
+        // freshly started processes, whose first ledger calls open pool connections).
+        .with_ledger_timeout((settings.lease / 3).min(Duration::from_secs(5)));
     let builder = if settings.exactly_once {
         builder.with_transactions()
     } else {
