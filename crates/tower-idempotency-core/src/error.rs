@@ -6,7 +6,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// What can go wrong in a ledger call.
 ///
 /// The layer answers [`LeaseLost`](Self::LeaseLost) by keeping the newer holder's result, and
-/// every other variant with a 503 (or by passing the request through, when configured to fail
+/// every other variant ([`Timeout`](Self::Timeout) and [`Unavailable`](Self::Unavailable)
+/// included) with a 503 (or by passing the request through, when configured to fail
 /// open).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -31,6 +32,18 @@ pub enum LedgerError {
         /// The call: `"inspect"`, `"stuck"` or `"evict"`.
         operation: &'static str,
     },
+    /// The call did not answer within its deadline (set by the caller, such as the layer's
+    /// ledger timeout). Whether it took effect is unknown.
+    #[error("the idempotency ledger did not answer {operation} within {after:?}")]
+    Timeout {
+        /// The call that timed out, such as `"claim"` or `"renew"`.
+        operation: &'static str,
+        /// The deadline it missed.
+        after: std::time::Duration,
+    },
+    /// The call was not made: the caller's circuit breaker is open after repeated failures.
+    #[error("the idempotency ledger is unavailable (circuit breaker open); the call was not made")]
+    Unavailable,
 }
 
 impl LedgerError {

@@ -1,11 +1,11 @@
 //! The PostgreSQL ledger: its SQL, its claim, and its `LISTEN`/`NOTIFY` wait (with
 //! [`listener`](crate::listener)).
 
-use std::{fmt, time::Duration};
+use std::{fmt, str::FromStr, time::Duration};
 
 use sqlx::{
     Pool, Postgres, Row, SqlStr,
-    postgres::{PgConnection, PgPoolOptions, PgQueryResult, PgRow},
+    postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgQueryResult, PgRow},
 };
 use tokio::time::Instant;
 use tower_idempotency_core::{Claim, ClaimRequest, LedgerError, LedgerKey};
@@ -55,8 +55,10 @@ use crate::{
 /// # Ok(()) }
 /// ```
 ///
-/// If you build the pool yourself, consider `test_before_acquire(false)`: by default sqlx pings
-/// a connection before handing it out, which doubles the round trips of every ledger call.
+/// If you build the pool yourself, consider what [`connect`](SqlLedger::<Postgres>::connect)
+/// sets: `acquire_timeout` well under the lease (3 s), `statement_timeout` (5 s) and
+/// `test_before_acquire(false)` (by default sqlx pings a connection before handing it out, which
+/// doubles the round trips of every ledger call). See docs/operations.md.
 pub type PostgresLedger = SqlLedger<Postgres>;
 
 /// The PostgreSQL ledger's own state: the statement that marks a record watched (`1` key), and
@@ -308,10 +310,17 @@ impl Backend for Postgres {
 impl PostgresLedger {
     /// Connects a pool to `url` (10 connections, no ping before each use) and makes a ledger on
     /// it. The table is not created: call [`migrate`](Self::migrate).
+    ///
+    /// The pool fails fast rather than hang a request: a connection is waited for at most 3 s (sqlx's default is 30 s, the layer's default
+    /// lease), and PostgreSQL cancels any statement after 5 s (`statement_timeout`, set per
+    /// connection). sqlx 0.9 has no client-side TCP keepalive setting; a connection that stops
+    /// answering is bounded by the layer's ledger timeout instead.
     pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url)?.options([("statement_timeout", "5s")]);
         let pool = PgPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(3))
             .test_before_acquire(false)
-            .connect(url)
+            .connect_with(options)
             .await?;
         Ok(Self::new(pool))
     }

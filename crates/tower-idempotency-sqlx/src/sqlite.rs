@@ -254,6 +254,7 @@ impl SqliteLedger {
     /// Connects to `url` (such as `sqlite://idempotency.db?mode=rwc` or `sqlite::memory:`) with
     /// the settings the ledger wants: WAL journal, 5 s busy timeout, the file created if
     /// missing, and for an in-memory database one connection kept open for the pool's life.
+    /// A pooled connection is waited for at most 3 s (sqlx's default is 30 s).
     /// The table is not created: call [`migrate`](Self::migrate).
     pub async fn connect(url: &str) -> Result<Self, sqlx::Error> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -271,6 +272,8 @@ impl SqliteLedger {
             // SQLite has one writer at a time; a few connections let reads run beside it.
             SqlitePoolOptions::new().max_connections(4)
         }
+        // Fail fast: sqlx waits 30 s for a connection by default, the layer's default lease.
+        .acquire_timeout(Duration::from_secs(3))
         .test_before_acquire(false)
         .connect_with(options)
         .await?;

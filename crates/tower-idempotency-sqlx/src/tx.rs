@@ -28,8 +28,18 @@ where
 {
     type Transaction = sqlx::Transaction<'static, DB>;
 
+    /// Begins in a task of its own, so that a caller that stops waiting (the layer's ledger
+    /// timeout) cannot leave a pooled connection inside an open transaction: sqlx 0.9's `begin`
+    /// is not cancel-safe (cancelled after `BEGIN` is sent but before its answer, it returns the
+    /// connection to the pool still in the transaction, where every later statement runs in it,
+    /// with `now()` frozen, never committed). The task always finishes; a transaction nobody
+    /// takes is dropped there, which rolls it back.
     async fn begin(&self) -> Result<Self::Transaction, LedgerError> {
-        self.pool.begin().await.map_err(row::error)
+        let pool = self.pool.clone();
+        match tokio::spawn(async move { pool.begin().await }).await {
+            Ok(begun) => begun.map_err(row::error),
+            Err(join) => Err(LedgerError::backend(join)),
+        }
     }
 
     async fn complete_in(

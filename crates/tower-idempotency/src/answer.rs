@@ -10,6 +10,7 @@ use crate::{
     body::ResponseBody,
     builder::LedgerFailure,
     config::Shared,
+    drain::Refused,
     problem::{Rejection, RejectionKind, render},
 };
 
@@ -45,7 +46,12 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     L: Ledger,
 {
-    tracing::warn!(%error, error.source = ?std::error::Error::source(&error), "idempotency ledger claim failed");
+    if matches!(error, LedgerError::Unavailable) {
+        // The breaker is open; its opening was logged once, not once per request.
+        tracing::debug!(%error, "idempotency ledger claim refused");
+    } else {
+        tracing::warn!(%error, error.source = ?std::error::Error::source(&error), "idempotency ledger claim failed");
+    }
     match shared.config.ledger_failure {
         LedgerFailure::FailOpen => {
             let response = inner.call(request).await?;
@@ -102,4 +108,26 @@ pub(crate) fn outcome_unknown(shared: &Shared<impl Ledger>) -> Response<bytes::B
          may be done, so it will not run again with this key",
     );
     render(&*shared.config.responder, &rejection)
+}
+
+/// The gate refused a covered request: the in-flight cap, or a drain.
+pub(crate) fn refused<B>(shared: &Shared<impl Ledger>, why: Refused) -> Response<ResponseBody<B>> {
+    let retry_after = shared.config.retry_after_secs();
+    let (outcome, rejection) = match why {
+        Refused::Full => (
+            Outcome::Overloaded,
+            Rejection::new(
+                RejectionKind::Overloaded,
+                "too many requests are in flight; the request was not processed",
+            ),
+        ),
+        Refused::Draining => (
+            Outcome::ShuttingDown,
+            Rejection::new(
+                RejectionKind::ShuttingDown,
+                "the server is shutting down; the request was not processed",
+            ),
+        ),
+    };
+    reject(shared, outcome, rejection.retry_after(retry_after))
 }

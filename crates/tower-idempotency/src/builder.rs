@@ -7,6 +7,7 @@ use http::{HeaderName, Method, StatusCode, request::Parts};
 use tower_idempotency_core::{Fingerprint, MAX_DURATION, TransactionalLedger};
 
 use crate::{
+    breaker::{Breaker, CircuitBreaker},
     config::Config,
     layer::IdempotencyLayer,
     problem::{ProblemJson, Responder},
@@ -85,6 +86,28 @@ pub enum ConfigError {
     /// A duration (the named setting) is longer than 100 years, more than a deadline can hold.
     #[error("the {0} is longer than 100 years")]
     DurationTooLong(&'static str),
+    /// The ledger timeout must be at least one millisecond.
+    #[error("the ledger timeout must be at least 1 ms")]
+    ZeroLedgerTimeout,
+    /// The ledger timeout must be at most a third of the lease, so that a renewal can time out
+    /// and be retried before the lease runs out.
+    #[error("the ledger timeout ({timeout:?}) must be at most a third of the lease ({lease:?})")]
+    LedgerTimeoutTooLong {
+        /// The configured ledger timeout.
+        timeout: Duration,
+        /// The configured lease.
+        lease: Duration,
+    },
+    /// The circuit breaker needs at least one failure to open and an open time of at least one
+    /// millisecond.
+    #[error("the circuit breaker needs failures >= 1 and open_for >= 1 ms")]
+    InvalidCircuitBreaker,
+    /// The in-flight cap must be at least 1.
+    #[error("the in-flight cap must be at least 1")]
+    ZeroMaxInFlight,
+    /// The maximum handler time must be at least one millisecond.
+    #[error("the maximum handler time must be at least 1 ms")]
+    ZeroMaxHandlerTime,
     /// The operation path must start with `/`, not end with one, and hold only path characters.
     #[error("the operation path {0:?} must start with '/', not end with '/', and be a plain path")]
     InvalidOperationPath(String),
@@ -148,6 +171,10 @@ impl<L> IdempotencyLayerBuilder<L> {
                 responder: Arc::new(ProblemJson),
                 telemetry: Telemetry::global(),
                 transactions: None,
+                ledger_timeout: None,
+                breaker: Breaker::new(Some(CircuitBreaker::default())),
+                max_in_flight: None,
+                max_handler_time: Duration::from_secs(10 * 60),
             },
             unscoped: false,
         }
@@ -328,6 +355,65 @@ impl<L> IdempotencyLayerBuilder<L> {
         self
     }
 
+    /// The deadline of every ledger call (claim, renew, complete, release, begin, commit,
+    /// lookup). A claim past it is a ledger failure (503, or fail open); a renewal past it is
+    /// retried at once; a completion past it is retried while the lease lasts. At most a third of
+    /// the lease, so that a renewal can time out and be retried inside one lease.
+    /// Default: a quarter of the lease, at most 5 s (5 s for the default 30 s lease).
+    #[must_use = "this returns the changed builder; it does not change it in place"]
+    pub fn with_ledger_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ledger_timeout = Some(timeout);
+        self
+    }
+
+    /// The circuit breaker around the ledger: after `failures` consecutive failed or timed-out
+    /// ledger calls, new covered requests get 503 at once without a ledger call for `open_for`;
+    /// then one request probes the ledger, and its answer closes the breaker or opens it again.
+    /// Renewals, completions and releases of requests already running are never refused.
+    /// Default: on, 5 failures, open for 5 s ([`CircuitBreaker::default`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{CircuitBreaker, IdempotencyLayer, MemoryLedger};
+    ///
+    /// let layer = IdempotencyLayer::builder(MemoryLedger::new())
+    ///     .with_circuit_breaker(CircuitBreaker { failures: 3, open_for: Duration::from_secs(2) })
+    ///     .build()
+    ///     .unwrap();
+    /// # let _ = layer;
+    /// ```
+    #[must_use = "this returns the changed builder; it does not change it in place"]
+    pub fn with_circuit_breaker(mut self, breaker: CircuitBreaker) -> Self {
+        self.config.breaker = Breaker::new(Some(breaker));
+        self
+    }
+
+    /// No circuit breaker: every covered request tries the ledger (each call still bounded by
+    /// the ledger timeout).
+    #[must_use = "this returns the changed builder; it does not change it in place"]
+    pub fn without_circuit_breaker(mut self) -> Self {
+        self.config.breaker = Breaker::new(None);
+        self
+    }
+
+    /// The most covered requests this layer holds at once, detached handlers included; beyond
+    /// it, 503 with `Retry-After` (problem type `overloaded`) without a ledger call. Requests of
+    /// uncovered methods are not counted. Default: no cap.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
+    pub fn with_max_in_flight(mut self, requests: usize) -> Self {
+        self.config.max_in_flight = Some(requests);
+        self
+    }
+
+    /// How long a handler's lease is renewed: past this, renewals stop (logged at error, metric
+    /// `idempotency.lease.ceiling`), so a hung handler frees its key when its lease runs out and
+    /// a retry can take it over. Default: 10 minutes.
+    #[must_use = "this returns the changed builder; it does not change it in place"]
+    pub fn with_max_handler_time(mut self, max: Duration) -> Self {
+        self.config.max_handler_time = max;
+        self
+    }
+
     pub(crate) fn into_layer(self) -> IdempotencyLayer<L> {
         if self.config.scope.is_none() && !self.unscoped {
             // hono-idempotency warns the same way; the IETF draft recommends keys composed with
@@ -377,6 +463,12 @@ impl<L> IdempotencyLayerBuilder<L> {
             ("retention", c.retention),
             ("wait timeout", wait),
             ("retry after", c.retry_after),
+            ("ledger timeout", c.ledger_timeout()),
+            ("maximum handler time", c.max_handler_time),
+            (
+                "circuit breaker's open time",
+                c.breaker.settings().map_or(Duration::ZERO, |b| b.open_for),
+            ),
         ] {
             if duration > MAX_DURATION {
                 return Err(ConfigError::DurationTooLong(setting));
@@ -398,6 +490,28 @@ impl<L> IdempotencyLayerBuilder<L> {
             && timeout < Duration::from_millis(1)
         {
             return Err(ConfigError::ZeroWaitTimeout);
+        }
+        if let Some(timeout) = c.ledger_timeout {
+            if timeout < Duration::from_millis(1) {
+                return Err(ConfigError::ZeroLedgerTimeout);
+            }
+            if timeout > c.lease / 3 {
+                return Err(ConfigError::LedgerTimeoutTooLong {
+                    timeout,
+                    lease: c.lease,
+                });
+            }
+        }
+        if let Some(breaker) = c.breaker.settings()
+            && (breaker.failures == 0 || breaker.open_for < Duration::from_millis(1))
+        {
+            return Err(ConfigError::InvalidCircuitBreaker);
+        }
+        if c.max_in_flight == Some(0) {
+            return Err(ConfigError::ZeroMaxInFlight);
+        }
+        if c.max_handler_time < Duration::from_millis(1) {
+            return Err(ConfigError::ZeroMaxHandlerTime);
         }
         let path = &c.operation_path;
         let plain = path.len() > 1

@@ -8,7 +8,9 @@ use http::{HeaderName, Method, StatusCode, request::Parts};
 use tower_idempotency_core::{Fingerprint, ScopeDigest};
 
 use crate::{
+    breaker::Breaker,
     builder::{InProgress, LedgerFailure, MissingKey},
+    drain::Gate,
     problem::Responder,
     telemetry::Telemetry,
     transaction::TxDriver,
@@ -19,6 +21,8 @@ use crate::{
 pub(crate) struct Shared<L> {
     pub(crate) ledger: L,
     pub(crate) config: Config,
+    /// The in-flight cap and the drain.
+    pub(crate) gate: Arc<Gate>,
 }
 
 pub(crate) type ScopeFn = Arc<dyn Fn(&Parts) -> Vec<u8> + Send + Sync>;
@@ -47,6 +51,11 @@ pub(crate) struct Config {
     pub(crate) responder: Arc<dyn Responder>,
     pub(crate) telemetry: Telemetry,
     pub(crate) transactions: Option<Arc<dyn TxDriver>>,
+    /// Set explicitly, or `None` for the default derived from the lease.
+    pub(crate) ledger_timeout: Option<Duration>,
+    pub(crate) breaker: Breaker,
+    pub(crate) max_in_flight: Option<usize>,
+    pub(crate) max_handler_time: Duration,
 }
 
 impl Config {
@@ -76,10 +85,19 @@ impl Config {
         }
     }
 
+    /// The deadline of each ledger call: as set, or a quarter of the lease, at most 5 s.
+    pub(crate) fn ledger_timeout(&self) -> Duration {
+        self.ledger_timeout
+            .unwrap_or_else(|| (self.lease / 4).min(DEFAULT_MAX_LEDGER_TIMEOUT))
+    }
+
     pub(crate) fn retry_after_secs(&self) -> u64 {
         self.retry_after.as_secs_f64().ceil().max(1.0) as u64
     }
 }
+
+/// The longest default ledger timeout.
+pub(crate) const DEFAULT_MAX_LEDGER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The default store predicate: 1xx to 4xx, except 408, 409 and 429 (the client may retry those
 /// and expect a different answer); 5xx is not stored, so a retry runs the handler again.
@@ -112,6 +130,10 @@ impl fmt::Debug for Config {
             .field("retry_after", &self.retry_after)
             .field("operation_path", &self.operation_path)
             .field("transactions", &self.transactions.is_some())
+            .field("ledger_timeout", &self.ledger_timeout())
+            .field("circuit_breaker", &self.breaker.settings())
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_handler_time", &self.max_handler_time)
             .finish_non_exhaustive()
     }
 }

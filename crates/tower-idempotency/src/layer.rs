@@ -7,6 +7,7 @@ use tower_layer::Layer;
 use crate::{
     builder::IdempotencyLayerBuilder,
     config::{Config, Shared},
+    drain::{DrainHandle, Gate},
     service::Idempotency,
 };
 
@@ -42,9 +43,21 @@ impl<L> IdempotencyLayer<L> {
     }
 
     pub(crate) fn from_parts(ledger: L, config: Config) -> Self {
+        let gate = Gate::new(config.max_in_flight);
         Self {
-            shared: Arc::new(Shared { ledger, config }),
+            shared: Arc::new(Shared {
+                ledger,
+                config,
+                gate,
+            }),
         }
+    }
+
+    /// A handle to drain this layer on shutdown: refuse new covered requests, then wait for the
+    /// ones in flight (detached handlers included). Shared by every clone of the layer and every
+    /// service it made. See [`DrainHandle::drain`].
+    pub fn drain_handle(&self) -> DrainHandle {
+        DrainHandle(self.shared.gate.clone())
     }
 
     /// The ledger the layer records into.

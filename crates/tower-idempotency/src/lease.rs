@@ -1,14 +1,43 @@
 //! The claim's lease while the handler runs: renewed in the background, then given up in one of
-//! three ways: completed with the response (retried on a ledger error), released (a response
-//! that is not stored, such as a 5xx, a panic or a failed body), or abandoned (its transaction
-//! rolled back, then released).
+//! three ways: completed with the response (retried on a ledger error while the lease lasts),
+//! released (a response that is not stored, such as a 5xx, a panic or a failed body), or
+//! abandoned (its transaction rolled back, then released).
 
 use std::{pin::Pin, task::Poll, time::Duration};
 
 use tokio::time::Instant;
 use tower_idempotency_core::{FencingToken, Ledger, LedgerError, LedgerKey, StoredResponse};
 
-use crate::{config::Shared, transaction::TxHandle};
+use crate::{
+    config::{Config, Shared},
+    ledger_call::Door,
+    transaction::TxHandle,
+};
+
+/// What this process knows of its lease: when it runs out unless renewed (counted from when the
+/// claim was sent, so never later than the ledger's own), when the next renewal is due, and when
+/// renewals stop (the maximum handler time).
+#[derive(Debug)]
+pub(crate) struct LeaseClock {
+    pub(crate) expires: Instant,
+    next: Instant,
+    ceiling: Instant,
+}
+
+impl LeaseClock {
+    pub(crate) fn new(config: &Config, claimed_at: Instant) -> Self {
+        let far = |d| claimed_at.checked_add(d).unwrap_or(claimed_at + MAX_AHEAD);
+        Self {
+            expires: far(config.lease),
+            next: far(config.lease / 3),
+            ceiling: far(config.max_handler_time),
+        }
+    }
+}
+
+/// Builder settings are at most 100 years (MAX_DURATION); this is a fallback for a platform
+/// whose `Instant` cannot hold that.
+const MAX_AHEAD: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Drives `handler` while renewing the lease every third of its length, concurrently, so a slow
 /// handler keeps its key and a slow ledger does not stall the handler.
@@ -22,73 +51,118 @@ pub(crate) async fn renewing<L: Ledger, F: Future>(
     shared: &Shared<L>,
     key: &LedgerKey,
     token: FencingToken,
+    clock: &mut LeaseClock,
     mut handler: Pin<&mut F>,
 ) -> F::Output {
+    let mut clock = Some(clock);
     let mut renewals: Option<Pin<Box<dyn Future<Output = ()> + Send + '_>>> = None;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = handler.as_mut().poll(cx) {
             return Poll::Ready(output);
         }
-        let renewals = renewals.get_or_insert_with(|| Box::pin(renew(shared, key, token)));
-        // `renew` never finishes: it renews until the handler does, or stops at a lost lease.
+        let renewals = renewals.get_or_insert_with(|| {
+            let clock = clock.take().expect("the renewals are set up once");
+            Box::pin(renew(shared, key, token, clock))
+        });
+        // `renew` never finishes: it renews until the handler does, or stops at a lost lease
+        // or the ceiling.
         let _ = renewals.as_mut().poll(cx);
         Poll::Pending
     })
     .await
 }
 
-/// Renews the lease every third of its length, forever; after a lost lease, waits forever.
-async fn renew<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, token: FencingToken) {
-    let (ledger, config) = (&shared.ledger, &shared.config);
+/// Renews the lease every third of its length; a renewal that fails or times out (each is
+/// bounded by the ledger timeout) is retried shortly after, not a period later. Stops at a lost
+/// lease or at the maximum handler time, and then waits forever.
+async fn renew<L: Ledger>(
+    shared: &Shared<L>,
+    key: &LedgerKey,
+    token: FencingToken,
+    clock: &mut LeaseClock,
+) {
+    let config = &shared.config;
     let period = config.lease / 3;
-    let mut tick = tokio::time::interval_at(Instant::now() + period, period);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retry = (period / 10).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let mut lapsed = false;
     loop {
-        tick.tick().await;
-        match config
-            .telemetry
-            .ledger(
-                ledger.name(),
+        tokio::time::sleep_until(clock.next).await;
+        if Instant::now() >= clock.ceiling {
+            tracing::error!(
+                max_handler_time = ?config.max_handler_time,
+                "the idempotent handler is still running at the maximum handler time; its lease is no longer renewed, so a retry may take the key over once it expires"
+            );
+            config.telemetry.lease_ceiling();
+            return std::future::pending().await;
+        }
+        let sent = Instant::now();
+        let renewed = shared
+            .call(
                 "renew",
-                ledger.renew(key, token, config.lease),
+                Door::Always,
+                shared.ledger.renew(key, token, config.lease),
             )
-            .await
-        {
-            Ok(()) => {}
+            .await;
+        match renewed {
+            Ok(()) => {
+                clock.expires = sent + config.lease;
+                clock.next = sent + period;
+                lapsed = false;
+            }
             Err(LedgerError::LeaseLost) => {
-                tracing::warn!(
+                tracing::error!(
                     "the lease was taken over while the handler ran; its result will not be stored"
                 );
+                config.telemetry.lease_lost("taken_over");
                 return std::future::pending().await;
             }
             Err(error) => {
-                tracing::warn!(%error, "renewing the idempotency lease failed; retrying")
+                let now = Instant::now();
+                if now >= clock.expires && !lapsed {
+                    lapsed = true;
+                    tracing::error!(%error, "no renewal got through before the lease expired; another request may take the key over while this handler runs");
+                    config.telemetry.lease_lost("expired");
+                } else {
+                    tracing::warn!(%error, "renewing the idempotency lease failed; retrying");
+                }
+                clock.next = now + retry;
             }
         }
     }
 }
 
-/// Records the handler's response: one attempt here, and only if it fails with a ledger error,
-/// two more with a backoff (boxed, so the retry loop costs the usual path nothing).
+/// Records the handler's response: one attempt here, and only if it fails with a ledger error
+/// (or times out), more with a backoff while the lease lasts (boxed, so the retry loop costs
+/// the usual path nothing). Every attempt is fenced by the token.
 pub(crate) async fn complete<L: Ledger>(
     shared: &Shared<L>,
     key: &LedgerKey,
     token: FencingToken,
     stored: &StoredResponse,
+    clock: &LeaseClock,
 ) {
     let (ledger, config) = (&shared.ledger, &shared.config);
-    let first = config
-        .telemetry
-        .ledger(
-            ledger.name(),
+    let first = shared
+        .call(
             "complete",
+            Door::Always,
             ledger.complete(key, token, stored, config.retention),
         )
         .await;
     match first {
         Ok(()) => config.telemetry.stored(stored.stored_len()),
         Err(LedgerError::LeaseLost) => lease_lost_before_storing(),
-        Err(error) => Box::pin(complete_retrying(shared, key, token, stored, error)).await,
+        Err(error) => {
+            Box::pin(complete_retrying(
+                shared,
+                key,
+                token,
+                stored,
+                error,
+                clock.expires,
+            ))
+            .await
+        }
     }
 }
 
@@ -104,19 +178,21 @@ async fn complete_retrying<L: Ledger>(
     token: FencingToken,
     stored: &StoredResponse,
     first: LedgerError,
+    expires: Instant,
 ) {
     let (ledger, config) = (&shared.ledger, &shared.config);
     let mut error = first;
     let mut backoff = Duration::from_millis(50);
-    for attempt in 2..=3 {
-        tracing::warn!(%error, attempt = attempt - 1, "storing the idempotent response failed; retrying");
+    let mut attempt = 1;
+    while Instant::now() + backoff < expires {
+        tracing::warn!(%error, attempt, "storing the idempotent response failed; retrying");
         tokio::time::sleep(backoff).await;
-        backoff *= 2;
-        match config
-            .telemetry
-            .ledger(
-                ledger.name(),
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+        attempt += 1;
+        match shared
+            .call(
                 "complete",
+                Door::Always,
                 ledger.complete(key, token, stored, config.retention),
             )
             .await
@@ -129,13 +205,12 @@ async fn complete_retrying<L: Ledger>(
             Err(next) => error = next,
         }
     }
-    tracing::error!(%error, "storing the idempotent response failed; the key stays in progress until its lease expires");
+    tracing::error!(%error, attempt, "storing the idempotent response failed until its lease ran out; the key stays in progress until then, and a retry after it runs the handler again");
 }
 
 pub(crate) async fn release<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, token: FencingToken) {
-    let (ledger, telemetry) = (&shared.ledger, &shared.config.telemetry);
-    match telemetry
-        .ledger(ledger.name(), "release", ledger.release(key, token))
+    match shared
+        .call("release", Door::Always, shared.ledger.release(key, token))
         .await
     {
         Ok(()) | Err(LedgerError::LeaseLost) => {}
@@ -153,7 +228,14 @@ pub(crate) async fn abandon<L: Ledger>(
     transaction: Option<Box<dyn TxHandle>>,
 ) {
     if let Some(transaction) = transaction {
-        transaction.rollback().await;
+        let after = shared.config.ledger_timeout();
+        if tokio::time::timeout(after, transaction.rollback())
+            .await
+            .is_err()
+        {
+            // Dropping the connection rolls back all the same.
+            tracing::warn!(?after, "rolling back the handler's transaction timed out");
+        }
     }
     release(shared, key, token).await;
 }

@@ -88,15 +88,18 @@
 
 mod answer;
 mod body;
+mod breaker;
 mod builder;
 mod capture;
 mod config;
 mod downstream;
+mod drain;
 mod duplicate;
 mod future;
 mod intake;
 mod layer;
 mod lease;
+mod ledger_call;
 #[cfg(feature = "openapi")]
 #[cfg_attr(docsrs, doc(cfg(feature = "openapi")))]
 pub mod openapi;
@@ -111,10 +114,12 @@ pub mod telemetry;
 mod transaction;
 
 pub use body::ResponseBody;
+pub use breaker::CircuitBreaker;
 pub use builder::{ConfigError, IdempotencyLayerBuilder, InProgress, LedgerFailure, MissingKey};
 pub use capture::Streaming;
 pub use config::is_stored_by_default;
 pub use downstream::{MissingOperation, Operation};
+pub use drain::DrainHandle;
 pub use future::ResponseFuture;
 pub use layer::IdempotencyLayer;
 pub use outcome::Outcome;

@@ -15,6 +15,7 @@ use uuid::Uuid;
 use crate::{
     IdempotencyLayer,
     config::{Config, Shared},
+    ledger_call::Door,
     problem::{Rejection, RejectionKind, render},
     response::replay,
 };
@@ -75,9 +76,8 @@ async fn status<L: Ledger>(shared: Arc<Shared<L>>, parts: Parts, id: String) -> 
     };
     let scope = Config::scope_digest(&config.scope_of(&parts));
     let ledger = &shared.ledger;
-    let lookup = config
-        .telemetry
-        .ledger(ledger.name(), "lookup", ledger.operation(&scope, id))
+    let lookup = shared
+        .call("lookup", Door::Gated, ledger.operation(&scope, id))
         .await;
     match lookup {
         Ok(None) => not_found(),

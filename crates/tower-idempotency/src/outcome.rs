@@ -35,6 +35,10 @@ pub enum Outcome {
     LedgerError,
     /// No key and the layer allows that: the handler ran unprotected.
     Bypassed,
+    /// The layer's in-flight cap was reached: 503 before the ledger.
+    Overloaded,
+    /// The layer was draining for shutdown: 503 before the ledger.
+    ShuttingDown,
 }
 
 impl Outcome {
@@ -50,6 +54,8 @@ impl Outcome {
             Self::Rejected => "rejected",
             Self::LedgerError => "ledger_error",
             Self::Bypassed => "bypassed",
+            Self::Overloaded => "overloaded",
+            Self::ShuttingDown => "shutting_down",
         }
     }
 }

@@ -36,6 +36,14 @@
 //! exactly-once mode, committing the handler's writes with the result failed, and the commit
 //! may or may not have landed. Either way, retry with the same key.
 //!
+//! # overloaded
+//! 503: the layer holds as many requests as its in-flight cap allows; the request was not run.
+//! Retry after `Retry-After` seconds.
+//!
+//! # shutting-down
+//! 503: the server is draining for shutdown; the request was not run. Retry after
+//! `Retry-After` seconds (another instance, or this one after its restart, will take it).
+//!
 //! # handler-failed
 //! 500: the handler panicked or its response body failed; the key was released, so a retry runs
 //! the handler again.
@@ -75,8 +83,12 @@ pub enum RejectionKind {
     Accepted,
     /// No such operation in the caller's scope.
     OperationNotFound,
-    /// The ledger failed.
+    /// The ledger failed, timed out, or its circuit breaker is open.
     LedgerUnavailable,
+    /// The layer's in-flight cap is reached.
+    Overloaded,
+    /// The layer is draining for shutdown.
+    ShuttingDown,
     /// The handler panicked, or its response body failed.
     HandlerFailed,
     /// The handler answered with a success status, then its response body failed.
@@ -96,6 +108,8 @@ impl RejectionKind {
             Self::Accepted => "operation-accepted",
             Self::OperationNotFound => "operation-not-found",
             Self::LedgerUnavailable => "ledger-unavailable",
+            Self::Overloaded => "overloaded",
+            Self::ShuttingDown => "shutting-down",
             Self::HandlerFailed => "handler-failed",
             Self::OutcomeUnknown => "outcome-unknown",
         }
@@ -110,7 +124,9 @@ impl RejectionKind {
             Self::InProgress => StatusCode::CONFLICT,
             Self::Accepted => StatusCode::ACCEPTED,
             Self::OperationNotFound => StatusCode::NOT_FOUND,
-            Self::LedgerUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::LedgerUnavailable | Self::Overloaded | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::HandlerFailed | Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -127,6 +143,8 @@ impl RejectionKind {
             Self::Accepted => "Request accepted and in progress",
             Self::OperationNotFound => "Operation not found",
             Self::LedgerUnavailable => "Idempotency ledger unavailable",
+            Self::Overloaded => "Too many requests in flight",
+            Self::ShuttingDown => "Shutting down",
             Self::HandlerFailed => "Request failed",
             Self::OutcomeUnknown => "Outcome unknown",
         }

@@ -18,15 +18,19 @@ use tracing::{Instrument, field::Empty};
 
 use crate::{
     Outcome,
-    answer::{answer, handler_failed, ledger_failed, outcome_unknown, reject, unavailable},
+    answer::{
+        answer, handler_failed, ledger_failed, outcome_unknown, refused, reject, unavailable,
+    },
     body::ResponseBody,
     builder::InProgress,
     capture::{Collected, collect, is_streaming},
     config::{Config, Shared},
+    drain::Ticket,
     duplicate::settle_existing,
     future::{Phase, ResponseFuture},
     intake,
-    lease::{abandon, complete, release, renewing},
+    lease::{LeaseClock, abandon, complete, release, renewing},
+    ledger_call::Door,
     response::to_stored,
     transaction::commit,
 };
@@ -110,6 +114,15 @@ where
                 Ok(response.await?.map(ResponseBody::stream))
             }));
         }
+        // Counted from here until its result is recorded, in a task of its own if the client
+        // leaves (the ticket moves with the future), so that a drain waits for it.
+        let ticket = match shared.gate.enter() {
+            Ok(ticket) => ticket,
+            Err(why) => {
+                let response = refused(&shared, why);
+                return ResponseFuture::cancellable(Box::pin(async move { Ok(response) }));
+            }
+        };
         let span = tracing::info_span!(
             "idempotency",
             outcome = Empty,
@@ -123,7 +136,10 @@ where
         let phase = Phase::new();
         let (parts, body) = request.into_parts();
         ResponseFuture::detachable(
-            Box::pin(handle(shared, inner, Box::new(parts), body, phase.clone()).instrument(span)),
+            Box::pin(
+                handle(shared, inner, Box::new(parts), body, phase.clone(), ticket)
+                    .instrument(span),
+            ),
             phase,
         )
     }
@@ -155,6 +171,7 @@ fn handle<S, L, ReqBody, ResBody>(
     parts: Box<http::request::Parts>,
     body: ReqBody,
     phase: Phase,
+    ticket: Ticket,
 ) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -168,6 +185,7 @@ where
     ResBody::Error: Into<BoxError>,
 {
     async move {
+        let _ticket = ticket;
         let config = &shared.config;
         let key = match intake::key(config, &parts.headers) {
             Ok(Some(key)) => key,
@@ -208,6 +226,7 @@ where
         };
         let mut waited = false;
         let mut wait_started: Option<Instant> = None;
+        let mut claimed_at;
         let lease = loop {
             let claim = ClaimRequest::new(
                 ledger_key,
@@ -219,8 +238,11 @@ where
             // From here until the claim's answer, a client disconnect does not cancel this
             // future: the claim can take effect before its answer arrives (see `Phase`).
             phase.claiming();
-            let claimed = telemetry
-                .ledger(ledger.name(), "claim", ledger.claim(&claim))
+            // The lease is counted from before the claim is sent: never later than the
+            // ledger's own count.
+            claimed_at = Instant::now();
+            let claimed = shared
+                .call("claim", Door::Gated, ledger.claim(&claim))
                 .await;
             if phase.detached() {
                 // The client left while the claim was answered: give back a key won for nobody,
@@ -258,7 +280,10 @@ where
                     wait_started.get_or_insert_with(Instant::now);
                     let now = Instant::now();
                     let wait = ledger.wait_for_change(&ledger_key, deadline - now);
-                    Box::pin(telemetry.ledger(ledger.name(), "wait", wait)).await;
+                    // Bounded here too: a hung ledger must not hold a waiting duplicate.
+                    let bounded =
+                        tokio::time::timeout(deadline - now + config.ledger_timeout(), wait);
+                    let _ = Box::pin(telemetry.ledger(ledger.name(), "wait", bounded)).await;
                 }
             }
         };
@@ -283,7 +308,10 @@ where
             .expose(&mut parts.extensions);
         // The rest in a box of its own (1.5 KB): a replay, a conflict or a rejection never
         // allocates the handler's part of the state.
-        Box::pin(run(shared, inner, parts, body, ledger_key, token)).await
+        Box::pin(run(
+            shared, inner, parts, body, ledger_key, token, claimed_at,
+        ))
+        .await
     }
 }
 
@@ -300,6 +328,7 @@ fn run<S, L, ReqBody, ResBody>(
     body: Bytes,
     ledger_key: LedgerKey,
     token: FencingToken,
+    claimed_at: Instant,
 ) -> impl Future<Output = Result<Response<ResponseBody<ResBody>>, S::Error>> + Send + 'static
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
@@ -312,11 +341,13 @@ where
 {
     async move {
         let config = &shared.config;
-        let (ledger, telemetry) = (&shared.ledger, &config.telemetry);
+        let mut clock = LeaseClock::new(config, claimed_at);
         let transaction = match &config.transactions {
             None => None,
             Some(driver) => {
-                match Box::pin(telemetry.ledger(ledger.name(), "begin", driver.begin())).await {
+                // Under renewal: waiting for a pooled connection must not let the lease lapse.
+                let begin = std::pin::pin!(shared.call("begin", Door::Gated, driver.begin()));
+                match Box::pin(renewing(&shared, &ledger_key, token, &mut clock, begin)).await {
                     Ok(handle) => {
                         handle.expose(&mut parts.extensions);
                         Some(handle)
@@ -350,7 +381,7 @@ where
                 ))
                 .catch_unwind()
             );
-            match renewing(&shared, &ledger_key, token, handler.as_mut()).await {
+            match renewing(&shared, &ledger_key, token, &mut clock, handler.as_mut()).await {
                 Ok(Ok(response)) => response,
                 Ok(Err(error)) => {
                     Box::pin(abandon(&shared, &ledger_key, token, transaction)).await;
@@ -380,7 +411,7 @@ where
                 tracing::error!(%error, "the idempotent handler's response body failed after a success head; storing outcome-unknown");
                 let (parts, body) = outcome_unknown(&shared).into_parts();
                 let stored = to_stored(&parts, body.clone(), false, &config.deny_headers);
-                complete(&shared, &ledger_key, token, &stored).await;
+                complete(&shared, &ledger_key, token, &stored, &clock).await;
                 let response = Response::from_parts(parts, ResponseBody::full(body));
                 return Ok(answer(&shared, Outcome::Executed, response));
             }
@@ -399,7 +430,7 @@ where
         let response = Response::from_parts(parts, body);
         match transaction {
             None => {
-                complete(&shared, &ledger_key, token, &stored).await;
+                complete(&shared, &ledger_key, token, &stored, &clock).await;
                 Ok(answer(&shared, Outcome::Executed, response))
             }
             Some(transaction) => Ok(Box::pin(commit(

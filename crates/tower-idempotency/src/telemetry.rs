@@ -18,6 +18,15 @@
 //!   first request released the key and the duplicate ran the handler).
 //! - `idempotency.purged` (counter): expired records deleted by
 //!   [`IdempotencyLayer::purge_task`](crate::IdempotencyLayer::purge_task), by `ledger`.
+//! - `idempotency.ledger.timeouts` (counter), by `operation`: ledger calls that missed the
+//!   ledger timeout.
+//! - `idempotency.lease.lost` (counter), by `cause`: handlers that lost their lease while
+//!   running, `taken_over` (a renewal was refused: another request holds the key) or `expired`
+//!   (no renewal got through before the lease ran out).
+//! - `idempotency.lease.ceiling` (counter): handlers still running at the maximum handler time,
+//!   whose renewals stopped.
+//! - `idempotency.breaker.state` (gauge): the ledger circuit breaker, 0 closed, 1 open,
+//!   2 half-open (one probe in flight), recorded at each change, by `ledger`.
 
 use std::future::Future;
 #[cfg(feature = "opentelemetry")]
@@ -26,11 +35,11 @@ use std::{sync::OnceLock, time::Instant};
 #[cfg(feature = "opentelemetry")]
 use opentelemetry::{
     KeyValue,
-    metrics::{Counter, Histogram, Meter},
+    metrics::{Counter, Gauge, Histogram, Meter},
 };
 use tracing::Instrument;
 
-use crate::Outcome;
+use crate::{Outcome, breaker::BreakerState};
 
 /// The layer's spans, and with the `opentelemetry` feature its metrics.
 pub(crate) struct Telemetry {
@@ -70,6 +79,10 @@ struct Metrics {
     ledger_duration: Histogram<f64>,
     takeovers: Counter<u64>,
     stored_bytes: Histogram<u64>,
+    ledger_timeouts: Counter<u64>,
+    lease_lost: Counter<u64>,
+    lease_ceiling: Counter<u64>,
+    breaker_state: Gauge<u64>,
 }
 
 impl Telemetry {
@@ -121,6 +134,28 @@ impl Telemetry {
                     .with_unit("By")
                     .with_description("Size of each stored response")
                     .build(),
+                ledger_timeouts: meter
+                    .u64_counter("idempotency.ledger.timeouts")
+                    .with_description("Ledger calls that missed the ledger timeout, by operation")
+                    .build(),
+                lease_lost: meter
+                    .u64_counter("idempotency.lease.lost")
+                    .with_description("Running handlers that lost their lease, by cause")
+                    .build(),
+                lease_ceiling: meter
+                    .u64_counter("idempotency.lease.ceiling")
+                    .with_description(
+                        "Handlers still running at the maximum handler time; renewals stopped",
+                    )
+                    .build(),
+                breaker_state: {
+                    let gauge = meter
+                        .u64_gauge("idempotency.breaker.state")
+                        .with_description("Ledger circuit breaker: 0 closed, 1 open, 2 half-open")
+                        .build();
+                    gauge.record(BreakerState::Closed as u64, &[]);
+                    gauge
+                },
             }
         })
     }
@@ -204,36 +239,92 @@ impl Telemetry {
         let _ = bytes;
     }
 
-    /// Runs one ledger call in its own span and records its latency.
-    #[cfg(feature = "opentelemetry")]
-    pub(crate) async fn ledger<T>(
+    pub(crate) fn ledger_timeout(&self, operation: &'static str) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics()
+            .ledger_timeouts
+            .add(1, &[KeyValue::new("operation", operation)]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = operation;
+    }
+
+    pub(crate) fn ledger_latency(
         &self,
         ledger: &'static str,
         operation: &'static str,
-        call: impl Future<Output = T>,
-    ) -> T {
-        let span = tracing::info_span!("idempotency.ledger", operation, ledger);
-        let started = Instant::now();
-        let result = call.instrument(span).await;
+        elapsed: std::time::Duration,
+    ) {
+        #[cfg(feature = "opentelemetry")]
         self.metrics().ledger_duration.record(
-            started.elapsed().as_secs_f64(),
+            elapsed.as_secs_f64(),
             &[
                 KeyValue::new("operation", operation),
                 KeyValue::new("ledger", ledger),
             ],
         );
-        result
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (ledger, operation, elapsed);
     }
 
-    /// Runs one ledger call in its own span.
-    #[cfg(not(feature = "opentelemetry"))]
-    pub(crate) async fn ledger<T>(
+    pub(crate) fn lease_lost(&self, cause: &'static str) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics()
+            .lease_lost
+            .add(1, &[KeyValue::new("cause", cause)]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = cause;
+    }
+
+    pub(crate) fn lease_ceiling(&self) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics().lease_ceiling.add(1, &[]);
+    }
+
+    pub(crate) fn breaker_state(&self, ledger: &'static str, state: BreakerState) {
+        #[cfg(feature = "opentelemetry")]
+        self.metrics()
+            .breaker_state
+            .record(state as u64, &[KeyValue::new("ledger", ledger)]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (ledger, state);
+    }
+
+    /// Runs one ledger call in its own span and records its latency. Not an `async fn`, which
+    /// would hold `call` twice (as an argument and inside the span's wrapper).
+    #[cfg(feature = "opentelemetry")]
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold the call twice (see above)"
+    )]
+    pub(crate) fn ledger<T>(
         &self,
         ledger: &'static str,
         operation: &'static str,
         call: impl Future<Output = T>,
-    ) -> T {
-        let span = tracing::info_span!("idempotency.ledger", operation, ledger);
-        call.instrument(span).await
+    ) -> impl Future<Output = T> {
+        let call = call.instrument(tracing::info_span!("idempotency.ledger", operation, ledger));
+        async move {
+            let started = Instant::now();
+            let result = call.await;
+            self.metrics().ledger_duration.record(
+                started.elapsed().as_secs_f64(),
+                &[
+                    KeyValue::new("operation", operation),
+                    KeyValue::new("ledger", ledger),
+                ],
+            );
+            result
+        }
+    }
+
+    /// Runs one ledger call in its own span.
+    #[cfg(not(feature = "opentelemetry"))]
+    pub(crate) fn ledger<T>(
+        &self,
+        ledger: &'static str,
+        operation: &'static str,
+        call: impl Future<Output = T>,
+    ) -> impl Future<Output = T> {
+        call.instrument(tracing::info_span!("idempotency.ledger", operation, ledger))
     }
 }

@@ -324,3 +324,102 @@ async fn every_metric_and_every_outcome_is_recorded_with_its_attributes() {
         }
     }
 }
+
+/// Sums of counters and last values of gauges, by metric name and attributes.
+fn flat(exporter: &InMemoryMetricExporter) -> HashMap<String, u64> {
+    let mut out = HashMap::new();
+    for resource in exporter.get_finished_metrics().unwrap() {
+        for scope in resource.scope_metrics() {
+            for metric in scope.metrics() {
+                let label =
+                    |attrs: Vec<String>| format!("{}{{{}}}", metric.name(), attrs.join(","));
+                match metric.data() {
+                    AggregatedMetrics::U64(MetricData::Sum(sum)) => {
+                        for p in sum.data_points() {
+                            let attrs = p.attributes().map(|kv| format!("{}={}", kv.key, kv.value));
+                            out.insert(label(attrs.collect()), p.value());
+                        }
+                    }
+                    AggregatedMetrics::U64(MetricData::Gauge(gauge)) => {
+                        for p in gauge.data_points() {
+                            let attrs = p.attributes().map(|kv| format!("{}={}", kv.key, kv.value));
+                            out.insert(label(attrs.collect()), p.value());
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_renewal_ceiling_the_lost_lease_and_the_breaker_are_metrics() {
+    use tower_idempotency::CircuitBreaker;
+    use tower_idempotency_core::conformance::{FaultyLedger, Op};
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(exporter.clone()).build())
+        .build();
+    let ledger = FaultyLedger::new(MemoryLedger::new());
+    let faults = ledger.faults();
+    let layer = IdempotencyLayer::builder(ledger)
+        .with_meter(provider.meter("test"))
+        .with_lease(Duration::from_millis(300))
+        .with_max_handler_time(Duration::from_millis(150))
+        .with_circuit_breaker(CircuitBreaker {
+            failures: 1,
+            open_for: Duration::from_secs(60),
+        })
+        .build()
+        .unwrap();
+    let app = payments(Runs::default(), Duration::from_millis(400)).layer(layer);
+    // The ceiling: a renewal at 100 ms, then none after 150 ms.
+    send(&app, pay("ceiling", "{}")).await;
+    // The breaker: one failed claim opens it.
+    faults.fail_next(Op::Claim, 1);
+    send(&app, pay("breaker", "{}")).await;
+
+    // A lost lease: renewals answer without renewing, a retry takes the key over, and the
+    // holder's next renewal is refused.
+    let ledger = FaultyLedger::new(MemoryLedger::new());
+    let faults = ledger.faults();
+    let layer = IdempotencyLayer::builder(ledger)
+        .with_meter(provider.meter("test"))
+        .with_lease(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let app = payments(Runs::default(), Duration::from_millis(1000)).layer(layer);
+    faults.drop_renewals(true);
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay("lost", "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let retry = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, pay("lost", "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    faults.drop_renewals(false);
+    first.await.unwrap();
+    retry.await.unwrap();
+    provider.force_flush().unwrap();
+    let metrics = flat(&exporter);
+    assert_eq!(
+        metrics.get("idempotency.lease.ceiling{}"),
+        Some(&1),
+        "{metrics:?}"
+    );
+    assert_eq!(
+        metrics.get("idempotency.lease.lost{cause=taken_over}"),
+        Some(&1),
+        "{metrics:?}"
+    );
+    assert_eq!(
+        metrics.get("idempotency.breaker.state{ledger=memory}"),
+        Some(&1),
+        "{metrics:?}"
+    );
+}

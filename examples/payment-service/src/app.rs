@@ -12,7 +12,8 @@ use axum::{
 };
 use serde::Deserialize;
 use tower_idempotency::{
-    ConfigError, IdempotencyLayer, IdempotencyLayerBuilder, InProgress, Ledger, LedgerTx, Operation,
+    ConfigError, DrainHandle, IdempotencyLayer, IdempotencyLayerBuilder, InProgress, Ledger,
+    LedgerTx, Operation,
 };
 
 use crate::{
@@ -104,7 +105,10 @@ fn layer_builder<L: Ledger + Clone>(ledger: L, settings: &Settings) -> Idempoten
         .with_methods([axum::http::Method::POST])
         .with_missing_key(tower_idempotency::MissingKey::Reject)
         .with_in_progress(settings.in_progress)
-        .with_lease(settings.lease);
+        .with_lease(settings.lease)
+        // The longest deadline the lease allows (the crash tests run with 400 ms leases against
+        // freshly started processes, whose first ledger calls open pool connections).
+        .with_ledger_timeout((settings.lease / 3).min(Duration::from_secs(5)));
     match &settings.meter {
         Some(meter) => builder.with_meter(meter.clone()),
         None => builder,
@@ -126,6 +130,17 @@ pub fn app<L: PaymentLedger>(
     store: Store,
     settings: &Settings,
 ) -> Result<Router, crate::StartError> {
+    app_with_drain(ledger, store, settings).map(|(router, _)| router)
+}
+
+/// [`app`], and the idempotency layer's [`DrainHandle`] for a graceful shutdown: on SIGTERM,
+/// `drain` refuses new payments (503 `shutting-down`) and waits for those in flight, including
+/// handlers whose client left.
+pub fn app_with_drain<L: PaymentLedger>(
+    ledger: L,
+    store: Store,
+    settings: &Settings,
+) -> Result<(Router, DrainHandle), crate::StartError> {
     let layer = idempotency_layer(ledger, settings)?;
     let payments = if settings.exactly_once {
         get(list_payments).post(create_payment_exactly_once::<L>)
@@ -142,7 +157,7 @@ pub fn app_on<L: Ledger + Clone>(
     ledger: L,
     store: Store,
     settings: &Settings,
-) -> Result<Router, crate::StartError> {
+) -> Result<(Router, DrainHandle), crate::StartError> {
     if settings.exactly_once {
         return Err(crate::StartError::NotTransactional);
     }
@@ -155,13 +170,15 @@ pub fn app_on<L: Ledger + Clone>(
     )
 }
 
-/// The routes around `payments` (the `/payments` route), behind `layer` and authentication.
+/// The routes around `payments` (the `/payments` route), behind `layer` and authentication,
+/// and the layer's drain handle.
 fn assemble<L: Ledger + Clone>(
     layer: IdempotencyLayer<L>,
     payments: axum::routing::MethodRouter<Arc<AppState>>,
     store: Store,
     settings: &Settings,
-) -> Result<Router, crate::StartError> {
+) -> Result<(Router, DrainHandle), crate::StartError> {
+    let drain = layer.drain_handle();
     let document = Json(crate::openapi::document(&layer));
     let state = Arc::new(AppState {
         store,
@@ -177,14 +194,15 @@ fn assemble<L: Ledger + Clone>(
         .layer(layer.clone())
         .merge(layer.operation_router())
         .layer(middleware::from_fn(auth::authenticate));
-    Ok(Router::new()
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/openapi.json", get(move || async move { document }))
         .with_state(state.clone())
         .merge(protected.with_state(state))
         .fallback(crate::problem::not_found)
         .method_not_allowed_fallback(crate::problem::method_not_allowed)
-        .layer(middleware::from_fn(http_trace::trace)))
+        .layer(middleware::from_fn(http_trace::trace));
+    Ok((router, drain))
 }
 
 /// `POST /payments`, exactly-once: charge, then write the payment in the idempotency layer's

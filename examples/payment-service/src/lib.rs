@@ -57,7 +57,7 @@ use axum::Router;
 use tower_idempotency_redis::RedisLedger;
 use tower_idempotency_sqlx::{PostgresLedger, SqliteLedger};
 
-pub use app::{Settings, app};
+pub use app::{Settings, app, app_with_drain};
 pub use store::Store;
 
 /// The default database: a SQLite file in the working directory, created if missing.
@@ -186,10 +186,18 @@ impl Database {
 
     /// The service's router on this database, calling the processor at `settings.processor_url`.
     pub fn router(&self, settings: &Settings) -> Result<Router, StartError> {
+        Ok(self.router_with_drain(settings)?.0)
+    }
+
+    /// The service's router on this database, and the idempotency layer's drain handle.
+    pub fn router_with_drain(
+        &self,
+        settings: &Settings,
+    ) -> Result<(Router, tower_idempotency::DrainHandle), StartError> {
         let store = self.store();
         Ok(match self {
-            Self::Sqlite(ledger) => app(ledger.clone(), store, settings)?,
-            Self::Postgres(ledger) => app(ledger.clone(), store, settings)?,
+            Self::Sqlite(ledger) => app_with_drain(ledger.clone(), store, settings)?,
+            Self::Postgres(ledger) => app_with_drain(ledger.clone(), store, settings)?,
             Self::Redis(ledger, _) => app::app_on(ledger.clone(), store, settings)?,
         })
     }

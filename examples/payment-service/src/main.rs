@@ -115,6 +115,14 @@ struct Serve {
     /// The idempotency lease, in milliseconds.
     #[arg(long, env = "PAYMENT_SERVICE_LEASE_MS", default_value_t = 30_000)]
     lease_ms: u64,
+    /// On SIGTERM or Ctrl-C, how long to wait for payments in flight (including those whose
+    /// client left) to finish and be recorded, in milliseconds; new payments get 503 meanwhile.
+    #[arg(
+        long,
+        env = "PAYMENT_SERVICE_DRAIN_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    drain_timeout_ms: u64,
     /// Where spans and metrics go.
     #[arg(long, env = "PAYMENT_SERVICE_OTEL", value_enum, default_value_t = telemetry::Otel::None)]
     otel: telemetry::Otel,
@@ -307,7 +315,7 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
         // Redis expires its records itself: nothing to purge.
         Database::Redis(..) => {}
     }
-    let router = database.router(&settings)?;
+    let (router, drain) = database.router_with_drain(&settings)?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     let addr = listener.local_addr()?;
     tracing::info!(
@@ -323,9 +331,28 @@ async fn serve(args: Serve) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         println!("listening on http://{addr}");
     }
+    // At the signal: stop accepting (axum), and at once refuse new payments on connections
+    // still open (the drain); after the server stopped, wait for the payments in flight,
+    // detached ones included, so that each is recorded before the process exits.
+    let deadline = Duration::from_millis(args.drain_timeout_ms);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel();
+    let signalled = async move {
+        shutdown_signal().await;
+        let _ = drained_tx.send(tokio::spawn(async move { drain.drain(deadline).await }));
+    };
     axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(signalled)
         .await?;
+    if let Ok(drained) = drained_rx.await {
+        if drained.await.unwrap_or(false) {
+            tracing::info!("every payment in flight was recorded");
+        } else {
+            tracing::error!(
+                ?deadline,
+                "payments still in flight at the drain deadline; their keys free themselves when their leases expire"
+            );
+        }
+    }
     Ok(())
 }
 

@@ -53,7 +53,11 @@ fn layer<L: TransactionalLedger + Clone>(
     lease: Duration,
     transactional: bool,
 ) -> IdempotencyLayer<L> {
-    let builder = IdempotencyLayer::builder(ledger).with_lease(lease);
+    let builder = IdempotencyLayer::builder(ledger)
+        .with_lease(lease)
+        // The longest deadline the short test lease allows: this process is fresh, and its
+        // first ledger calls open pool connections.
+        .with_ledger_timeout(lease / 3);
     let builder = if transactional {
         builder.with_transactions()
     } else {

@@ -11,6 +11,7 @@ use crate::{
     body::ResponseBody,
     config::Shared,
     lease::release,
+    ledger_call::Door,
     problem::{Rejection, RejectionKind},
 };
 
@@ -24,11 +25,10 @@ pub(crate) async fn commit<L: Ledger, B>(
     response: Response<ResponseBody<B>>,
 ) -> Response<ResponseBody<B>> {
     let config = &shared.config;
-    let committed = config
-        .telemetry
-        .ledger(
-            shared.ledger.name(),
+    let committed = shared
+        .call(
             "complete",
+            Door::Always,
             transaction.commit(key, token, stored, config.retention),
         )
         .await;
