@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # HTTP over loopback (docs/benchmarks.md, "HTTP over loopback (issue 6)"): builds bench/ in
 # release and runs the comparison (bare axum, tower-idempotency on Memory/SQLite/PostgreSQL and
-# CachedLedger<PostgresLedger>, axum-idempotent 0.6 on its Moka and PostgreSQL stores,
+# CachedLedger<PostgresLedger>, RedisLedger, axum-idempotent 0.6 on its Moka and PostgreSQL stores,
 # idempotent 2.0) on the fresh and replay paths, then the 60 s growth run. Each run reports req/s,
 # p50 and p99 latency, and for the PostgreSQL variants the WAL bytes written per request.
 # idempotent 2.0 declares rust-version 1.98 but builds on 1.95, hence --ignore-rust-version.
@@ -11,19 +11,20 @@
 #                                    # axum-idempotent on PostgreSQL (BENCH_ONLY narrows it further)
 # Settings: BENCH_SECS (5), BENCH_ROUNDS (3), BENCH_CONNS (32), GROWTH_SECS (60), GROWTH_WINDOW (5),
 # DATABASE_URL (the PostgreSQL variants are left out when empty), BENCH_ONLY (a comma-separated list of
-# variants: memory, sqlite, postgres, postgres-cached, axum-idempotent, axum-idempotent-pg,
+# variants: memory, sqlite, postgres, postgres-cached, redis (REDIS_URL), axum-idempotent, axum-idempotent-pg,
 # idempotent), BENCH_PATHS (fresh or replay; both by default), BENCH_HANDLER=json (every
 # variant's handler parses the JSON body instead of ignoring it).
 #   scripts/bench-http.sh one memory replay   # one measurement, for a profiler
 set -euo pipefail
 cd "$(dirname "$0")/../bench"
 export DATABASE_URL="${DATABASE_URL-postgres://postgres@127.0.0.1:5432/test}"
+export REDIS_URL="${REDIS_URL-redis://127.0.0.1:6379}"
 cargo build --release --quiet --ignore-rust-version
 echo "uptime: $(uptime)"
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; rustc: $(rustc --version)"
 [ $# -gt 0 ] || set -- all
 if [ "$1" = issue18 ]; then
-    export BENCH_ONLY="${BENCH_ONLY-memory,postgres,postgres-cached,sqlite,axum-idempotent-pg}"
+    export BENCH_ONLY="${BENCH_ONLY-memory,postgres,postgres-cached,sqlite,redis,axum-idempotent-pg}"
     set -- compare
 fi
 ./target/release/tower-idempotency-bench "$@"

@@ -40,6 +40,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tower_idempotency::{CachedLedger, IdempotencyLayer, Ledger, MemoryLedger};
+use tower_idempotency_redis::RedisLedger;
 use tower_idempotency_sqlx::{PostgresLedger, SqliteLedger};
 
 const RESPONSE: &str = r#"{"id":"pay_1","status":"succeeded"}"#;
@@ -70,6 +71,7 @@ enum Variant {
     Sqlite,
     Postgres,
     PostgresCached,
+    Redis,
     AxumIdempotent,
     AxumIdempotentPostgres,
     Idempotent2,
@@ -83,6 +85,7 @@ impl Variant {
             "sqlite" => Variant::Sqlite,
             "postgres" => Variant::Postgres,
             "postgres-cached" => Variant::PostgresCached,
+            "redis" => Variant::Redis,
             "axum-idempotent" => Variant::AxumIdempotent,
             "axum-idempotent-pg" => Variant::AxumIdempotentPostgres,
             "idempotent" => Variant::Idempotent2,
@@ -97,6 +100,7 @@ impl Variant {
             Variant::Sqlite => "tower-idempotency SqliteLedger (file)",
             Variant::Postgres => "tower-idempotency PostgresLedger",
             Variant::PostgresCached => "tower-idempotency CachedLedger<PostgresLedger>",
+            Variant::Redis => "tower-idempotency RedisLedger",
             Variant::AxumIdempotent => "axum-idempotent 0.6 (ruts MokaStore)",
             Variant::AxumIdempotentPostgres => "axum-idempotent 0.6 (ruts PostgresStore)",
             Variant::Idempotent2 => "idempotent 2.0 (MemoryStore)",
@@ -286,6 +290,17 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
                 layered(ledger.clone())
             };
             (app, None, Cleanup::Table(ledger))
+        }
+        Variant::Redis => {
+            let url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty())?;
+            let ledger = RedisLedger::builder()
+                .with_prefix(&format!("bench:{run}:"))
+                .expect("a valid prefix")
+                .connect(url.as_str())
+                .await
+                .expect("connect to Redis");
+            // Records expire with the layer's retention; the prefix keeps runs apart.
+            (layered(ledger), None, Cleanup::None)
         }
         Variant::AxumIdempotentPostgres => {
             use axum_idempotent::{IdempotentLayer, IdempotentOptions};
@@ -679,6 +694,7 @@ async fn compare() -> bool {
         Variant::Sqlite,
         Variant::Postgres,
         Variant::PostgresCached,
+        Variant::Redis,
         Variant::AxumIdempotent,
         Variant::AxumIdempotentPostgres,
         Variant::Idempotent2,

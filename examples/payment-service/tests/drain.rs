@@ -18,8 +18,13 @@ use tower_idempotency_sqlx::sqlx;
 const PATIENCE: Duration = Duration::from_secs(30);
 
 async fn start(db_url: &str, addr: &str) -> Child {
+    // The processor's own file beside the service's, kept across a restart (its charges are
+    // audited) and fresh for each test: a charge key seen in an earlier run would be replayed
+    // at once, without the processor's latency.
+    let processor_url = db_url.replace(".db?", "-processor.db?");
     let mut child = Command::new(env!("CARGO_BIN_EXE_payment-service"))
         .args(["serve", "--addr", addr, "--database-url", db_url])
+        .args(["--processor-database-url", &processor_url])
         .args(["--latency-ms", "400", "--drain-timeout-ms", "20000"])
         .env_remove("PAYMENT_SERVICE_PAUSE_AFTER_WRITE")
         .env_remove("PAYMENT_SERVICE_LEDGER_TABLE")
@@ -118,9 +123,12 @@ async fn sigterm_mid_storm_drains_and_a_restart_charges_each_payment_once() {
     second.start_kill().unwrap();
     second.wait().await.unwrap();
     for suffix in ["", "-wal", "-shm"] {
-        let mut path = file.clone().into_os_string();
-        path.push(suffix);
-        let _ = std::fs::remove_file(path);
+        let processor = format!("{}-processor.db", file.with_extension("").display());
+        for stem in [file.clone(), std::path::PathBuf::from(processor)] {
+            let mut path = stem.into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
     }
     assert_eq!(summary.double_charges, 0, "{summary}");
     assert_eq!(summary.lost, 0, "{summary}");
@@ -179,9 +187,12 @@ async fn sigterm_waits_for_a_payment_whose_client_left() {
         .unwrap();
     pool.close().await;
     for suffix in ["", "-wal", "-shm"] {
-        let mut path = file.clone().into_os_string();
-        path.push(suffix);
-        let _ = std::fs::remove_file(path);
+        let processor = format!("{}-processor.db", file.with_extension("").display());
+        for stem in [file.clone(), std::path::PathBuf::from(processor)] {
+            let mut path = stem.into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
     }
     assert_eq!(
         states,
