@@ -117,7 +117,10 @@ pub fn router(
 ) -> Result<Router, tower_idempotency::ConfigError> {
     let builder = IdempotencyLayer::builder(ledger.clone());
     let builder = match faults.lease {
-        Some(lease) => builder.with_lease(lease),
+        // A short test lease would give a deadline of a quarter of it: allow a third.
+        Some(lease) => builder
+            .with_lease(lease)
+            .with_ledger_timeout((lease / 3).min(std::time::Duration::from_secs(5))),
         None => builder,
     };
     // One scope: the merchant is in the body, and the charge keys the service derives are
