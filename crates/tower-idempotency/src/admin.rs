@@ -295,14 +295,14 @@ mod router {
         shared: &Shared<L>,
         parts: &Parts,
         key: &str,
-    ) -> Result<(LedgerKey, ScopeDigest), Response> {
+    ) -> Result<(LedgerKey, ScopeDigest), Box<Response>> {
         let key = IdempotencyKey::parse(key.as_bytes()).map_err(|error| {
-            problem(
+            Box::new(problem(
                 StatusCode::BAD_REQUEST,
                 "invalid-key",
                 "Invalid idempotency key",
                 &format!("not a valid idempotency key: {error}"),
-            )
+            ))
         })?;
         let (scope, digest) = scope(shared, parts);
         Ok((LedgerKey::new(&scope, &key), digest))
@@ -382,7 +382,7 @@ mod router {
     async fn inspect<L: Ledger>(shared: Arc<Shared<L>>, parts: Parts, key: String) -> Response {
         let (key, scope) = match ledger_key(&shared, &parts, &key) {
             Ok(found) => found,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         let with_body = matches!(query(&parts, "body"), Some("true" | "1" | ""));
         match lookup(&shared, &key, &scope, with_body).await {
@@ -399,7 +399,7 @@ mod router {
     ) -> Response {
         let (key, scope) = match ledger_key(&shared, &parts, &key) {
             Ok(found) => found,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         let from_body = || {
             serde_json::from_slice::<serde_json::Value>(&body)
@@ -456,7 +456,7 @@ mod router {
     async fn evict<L: Ledger>(shared: Arc<Shared<L>>, parts: Parts, key: String) -> Response {
         let (key, scope) = match ledger_key(&shared, &parts, &key) {
             Ok(found) => found,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         let info = match lookup(&shared, &key, &scope, false).await {
             Ok(info) => info,
@@ -474,17 +474,17 @@ mod router {
         let number = |name: &str, default: u64| match query(&parts, name) {
             None => Ok(default),
             Some(value) => value.parse::<u64>().map_err(|_| {
-                problem(
+                Box::new(problem(
                     StatusCode::BAD_REQUEST,
                     "invalid-parameter",
                     "Invalid parameter",
                     &format!("`{name}` must be a non-negative integer"),
-                )
+                ))
             }),
         };
         let (older_than, limit) = match (number("older_than_ms", 0), number("limit", 100)) {
             (Ok(older), Ok(limit)) => (older, limit),
-            (Err(response), _) | (_, Err(response)) => return response,
+            (Err(response), _) | (_, Err(response)) => return *response,
         };
         let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let (_, scope) = scope(&shared, &parts);

@@ -1,6 +1,7 @@
 //! The admin router (`IdempotencyLayer::admin_router`): inspect, release, evict and stuck, each
 //! for the caller's own scope only.
 
+#![cfg(feature = "axum")]
 #![allow(clippy::unwrap_used)] // tests may panic
 
 mod support;

@@ -15,7 +15,7 @@
 //! Each command reads the same `--database-url`, `--ledger-table` and `--ledger-url` (and their
 //! environment variables and defaults) as `serve`. Every command prints a block a person reads
 //! at a glance, or JSON with `--json` (the admin router's
-//! [`RecordView`](tower_idempotency::admin::RecordView)). Exit code: 0 found or done, 1 not
+//! [`tower_idempotency::admin::RecordView`]). Exit code: 0 found or done, 1 not
 //! found or refused, 2 an error.
 
 use std::{

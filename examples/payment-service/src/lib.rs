@@ -203,7 +203,7 @@ impl Database {
     }
 
     /// Looks up the live record under `key` (for operators; see
-    /// [`Ledger::inspect`](tower_idempotency::Ledger::inspect)), on whichever ledger this is.
+    /// [`Ledger::inspect`]), on whichever ledger this is.
     pub async fn inspect(
         &self,
         key: &LedgerKey,
@@ -213,7 +213,7 @@ impl Database {
     }
 
     /// Claims in progress whose lease lapsed at least `older_than` ago, every scope's
-    /// ([`Ledger::stuck`](tower_idempotency::Ledger::stuck)).
+    /// ([`Ledger::stuck`]).
     pub async fn stuck(
         &self,
         older_than: Duration,
@@ -223,7 +223,7 @@ impl Database {
     }
 
     /// Releases the claim under `key` if `token` still holds it
-    /// ([`Ledger::force_release`](tower_idempotency::Ledger::force_release)).
+    /// ([`Ledger::force_release`]).
     pub async fn force_release(
         &self,
         key: &LedgerKey,
@@ -233,7 +233,7 @@ impl Database {
     }
 
     /// Deletes the record under `key`, whatever its state
-    /// ([`Ledger::evict`](tower_idempotency::Ledger::evict)).
+    /// ([`Ledger::evict`]).
     pub async fn evict(&self, key: &LedgerKey) -> Result<bool, LedgerError> {
         on_ledger!(self, ledger => ledger.evict(key).await)
     }
