@@ -51,8 +51,9 @@
 //! # Features
 //! The layer is plain tower (`tower-layer`, `tower-service`, `http-body`); both features are on
 //! by default.
-//! - `axum`: the operation-status router (`IdempotencyLayer::operation_router`) and the
-//!   `LedgerTx` extractor of exactly-once mode.
+//! - `axum`: the operation-status router (`IdempotencyLayer::operation_router`), the
+//!   operators' admin router (`IdempotencyLayer::admin_router`) and the `LedgerTx` extractor
+//!   of exactly-once mode.
 //! - `opentelemetry`: OpenTelemetry metrics (`with_meter`). Spans go through `tracing` either
 //!   way.
 //!
@@ -86,6 +87,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod admin;
 mod answer;
 mod body;
 mod breaker;

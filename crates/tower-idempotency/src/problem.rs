@@ -52,6 +52,27 @@
 //! 500: the handler answered with a success status, then its response body failed. Its side
 //! effects may well be done, so this answer is stored and replayed to every retry with the same
 //! key: check the resource's state, or send a new request with a new key.
+//!
+//! # Admin router
+//! The operator's router (`IdempotencyLayer::admin_router`, feature `axum`) answers
+//! `invalid-key` (400) and `ledger-unavailable` (503) as above, and:
+//!
+//! # record-not-found
+//! 404: no live record for this key in the caller's scope: never used, released, evicted or
+//! expired, or another scope's.
+//!
+//! # invalid-token
+//! 400: a release without a fencing token (a UUID, as inspect shows it).
+//!
+//! # invalid-parameter
+//! 400: a query parameter that is not a non-negative integer.
+//!
+//! # token-stale
+//! 409: the release's token is no longer the record's (it completed, or another request took
+//! it over); nothing was changed. Inspect the key again.
+//!
+//! # unsupported
+//! 501: the ledger does not offer this operator call.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -259,6 +280,32 @@ impl Responder for ProblemJson {
         );
         response
     }
+}
+
+/// A problem+json answer of the admin router (`IdempotencyLayer::admin_router`), with the
+/// `type` anchor `slug` in [`TYPE_BASE`].
+#[cfg(feature = "axum")]
+pub(crate) fn admin_problem(
+    status: StatusCode,
+    slug: &str,
+    title: &str,
+    detail: &str,
+) -> Response<Bytes> {
+    let body = Body {
+        type_: format!("{TYPE_BASE}#{slug}"),
+        title,
+        status: status.as_u16(),
+        detail,
+        operation_id: None,
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    let mut response = Response::new(Bytes::from(json));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    response
 }
 
 /// Renders `rejection` with `responder`, adding `Retry-After` and `Location` when the responder

@@ -46,6 +46,7 @@ pub mod auth;
 pub mod card_processor;
 pub mod extract;
 pub mod http_trace;
+pub mod ledger_cli;
 pub mod openapi;
 pub mod problem;
 pub mod processor;
@@ -53,7 +54,13 @@ pub mod store;
 pub mod storm;
 pub mod telemetry;
 
+use std::time::Duration;
+
 use axum::Router;
+use tower_idempotency::{
+    Ledger, LedgerError,
+    core::{FencingToken, LedgerKey, RecordInfo},
+};
 use tower_idempotency_redis::RedisLedger;
 use tower_idempotency_sqlx::{PostgresLedger, SqliteLedger};
 
@@ -113,6 +120,17 @@ pub enum StartError {
     /// The processor's HTTP client could not be built.
     #[error("processor client: {0}")]
     Client(#[from] reqwest::Error),
+}
+
+/// Runs `$call` with `$ledger` bound to whichever ledger `$database` holds.
+macro_rules! on_ledger {
+    ($database:expr, $ledger:ident => $call:expr) => {
+        match $database {
+            Self::Sqlite($ledger) => $call,
+            Self::Postgres($ledger) => $call,
+            Self::Redis($ledger, _) => $call,
+        }
+    };
 }
 
 impl Database {
@@ -182,6 +200,42 @@ impl Database {
             Self::Postgres(_) => "postgres",
             Self::Redis(..) => "redis",
         }
+    }
+
+    /// Looks up the live record under `key` (for operators; see
+    /// [`Ledger::inspect`]), on whichever ledger this is.
+    pub async fn inspect(
+        &self,
+        key: &LedgerKey,
+        with_body: bool,
+    ) -> Result<Option<RecordInfo>, LedgerError> {
+        on_ledger!(self, ledger => ledger.inspect(key, with_body).await)
+    }
+
+    /// Claims in progress whose lease lapsed at least `older_than` ago, every scope's
+    /// ([`Ledger::stuck`]).
+    pub async fn stuck(
+        &self,
+        older_than: Duration,
+        limit: usize,
+    ) -> Result<Vec<RecordInfo>, LedgerError> {
+        on_ledger!(self, ledger => ledger.stuck(older_than, limit).await)
+    }
+
+    /// Releases the claim under `key` if `token` still holds it
+    /// ([`Ledger::force_release`]).
+    pub async fn force_release(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+    ) -> Result<(), LedgerError> {
+        on_ledger!(self, ledger => ledger.force_release(key, token).await)
+    }
+
+    /// Deletes the record under `key`, whatever its state
+    /// ([`Ledger::evict`]).
+    pub async fn evict(&self, key: &LedgerKey) -> Result<bool, LedgerError> {
+        on_ledger!(self, ledger => ledger.evict(key).await)
     }
 
     /// The service's router on this database, calling the processor at `settings.processor_url`.

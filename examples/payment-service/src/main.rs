@@ -1,5 +1,6 @@
 //! `payment-service serve`: the payment API on tower-idempotency; `payment-service processor`:
-//! the card processor it calls.
+//! the card processor it calls; `payment-service ledger ...`: the operator's commands on the
+//! idempotency ledger.
 
 use std::{net::SocketAddr, process::ExitCode, time::Duration};
 
@@ -23,6 +24,10 @@ enum Command {
     /// Serve the card processor alone (for `serve --processor-url`): it records charges in its
     /// own SQLite file and is idempotent on the Idempotency-Key it is sent.
     Processor(ProcessorArgs),
+    /// The operator's commands on the idempotency ledger: inspect a key, list stuck claims,
+    /// release a stuck claim, evict a stored answer. They read --database-url, --ledger-table
+    /// and --ledger-url as `serve` does.
+    Ledger(payment_service::ledger_cli::LedgerArgs),
     /// Print the `key` span attribute of a token and an idempotency key, to find its trace.
     Key {
         /// The bearer token the request was sent with.
@@ -213,6 +218,7 @@ async fn main() -> ExitCode {
                 }
             };
         }
+        Command::Ledger(args) => return payment_service::ledger_cli::run(args).await,
         Command::Key { token, key } => {
             return match payment_service::auth::key_attribute(&token, &key) {
                 Some(attribute) => {

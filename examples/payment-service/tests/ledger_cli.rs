@@ -1,0 +1,378 @@
+//! `payment-service ledger ...` against the real binary: inspect a key just paid, release a
+//! claim left by a killed instance (the retry then runs once), evict a stored 402 (the retry
+//! then runs again).
+
+#![allow(clippy::unwrap_used)] // tests may panic
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader, Lines},
+    process::{Child, ChildStdout, Command},
+};
+
+/// A guard against hangs, not a timing under test.
+const PATIENCE: Duration = Duration::from_secs(30);
+const TOKEN: &str = "tok_ledger_cli_test";
+
+/// The service's and its processor's SQLite files, removed on drop.
+struct Files {
+    db: PathBuf,
+    processor: PathBuf,
+}
+
+impl Files {
+    fn new() -> Self {
+        let file = |name: &str| {
+            std::env::temp_dir().join(format!("{name}-{}.db", uuid::Uuid::new_v4().simple()))
+        };
+        Self {
+            db: file("payment-service-cli"),
+            processor: file("payment-processor-cli"),
+        }
+    }
+
+    fn url(path: &std::path::Path) -> String {
+        format!("sqlite://{}?mode=rwc", path.display())
+    }
+
+    fn database_url(&self) -> String {
+        Self::url(&self.db)
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        for file in [&self.db, &self.processor] {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut path = file.clone().into_os_string();
+                path.push(suffix);
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// A running `payment-service serve`, killed (by its pid, SIGKILL) when dropped.
+struct Service {
+    child: Child,
+    base: String,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl Service {
+    async fn start(files: &Files, lease_ms: u64, hook: Option<&str>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_payment-service"));
+        command
+            .args(["serve", "--addr", "127.0.0.1:0"])
+            .args(["--lease-ms", &lease_ms.to_string()])
+            .args(["--database-url", &files.database_url()])
+            .args(["--processor-database-url", &Files::url(&files.processor)])
+            .args(["--processor-lease-ms", "150", "--latency-ms", "0"])
+            .env_remove("PAYMENT_SERVICE_LEDGER_URL")
+            .env_remove("PAYMENT_SERVICE_LEDGER_TABLE")
+            .env_remove("PAYMENT_SERVICE_PAUSE_AFTER_WRITE")
+            .env_remove("PAYMENT_SERVICE_PAUSE_AFTER_CHARGE")
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        if let Some(hook) = hook {
+            command.arg(hook);
+        }
+        let mut child = command.spawn().expect("start payment-service");
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(PATIENCE, stdout.next_line())
+            .await
+            .expect("payment-service did not start listening")
+            .unwrap()
+            .expect("payment-service exited before listening");
+        let addr = line
+            .strip_prefix("listening on http://")
+            .unwrap_or_else(|| panic!("not a listening line: {line:?}"));
+        Self {
+            base: format!("http://{addr}"),
+            child,
+            stdout,
+        }
+    }
+
+    async fn next_line(&mut self) -> Option<String> {
+        tokio::time::timeout(PATIENCE, self.stdout.next_line())
+            .await
+            .expect("payment-service said nothing")
+            .unwrap()
+    }
+
+    /// SIGKILL: the process leaves its claim behind.
+    async fn kill(mut self) {
+        self.child.start_kill().unwrap();
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("payment-service did not die")
+            .unwrap();
+    }
+}
+
+/// What one `payment-service ledger ...` run gave.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+async fn ledger(files: &Files, args: &[&str]) -> Run {
+    let output = Command::new(env!("CARGO_BIN_EXE_payment-service"))
+        .arg("ledger")
+        .args(args)
+        .args(["--database-url", &files.database_url()])
+        .env_remove("DATABASE_URL")
+        .env_remove("PAYMENT_SERVICE_LEDGER_URL")
+        .env_remove("PAYMENT_SERVICE_LEDGER_TABLE")
+        .env_remove("PAYMENT_SERVICE_TOKEN")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(PATIENCE, output)
+        .await
+        .expect("payment-service ledger hung")
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    eprintln!(
+        "ledger {args:?} -> {:?}\n{stdout}{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Run {
+        code: output.status.code().expect("exited, not signalled"),
+        stdout,
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    replayed: bool,
+    body: Value,
+}
+
+async fn pay(client: &Client, base: &str, key: &str, customer: &str, amount: i64) -> Answer {
+    let response = client
+        .post(format!("{base}/payments"))
+        .bearer_auth(TOKEN)
+        .header("Idempotency-Key", key)
+        .json(&json!({ "amount": amount, "currency": "EUR", "customer": customer }))
+        .send()
+        .await
+        .unwrap();
+    Answer {
+        status: response.status(),
+        replayed: response.headers().contains_key("idempotent-replayed"),
+        body: response.json().await.unwrap_or(Value::Null),
+    }
+}
+
+fn client() -> Client {
+    Client::builder().timeout(PATIENCE).build().unwrap()
+}
+
+#[tokio::test]
+async fn inspect_finds_a_key_just_paid() {
+    let files = Files::new();
+    let service = Service::start(&files, 30_000, None).await;
+    let paid = pay(&client(), &service.base, "cli-paid-1", "cli-alice", 1234).await;
+    assert_eq!(paid.status, StatusCode::CREATED, "{}", paid.body);
+
+    let run = ledger(
+        &files,
+        &["inspect", "--token", TOKEN, "cli-paid-1", "--json"],
+    )
+    .await;
+    assert_eq!(run.code, 0);
+    let record = run.json();
+    assert_eq!(record["state"], "completed");
+    assert_eq!(record["status"], 201);
+    assert!(record["body_len"].as_u64().unwrap() > 0);
+    assert_eq!(
+        record["key_attribute"].as_str(),
+        payment_service::auth::key_attribute(TOKEN, "cli-paid-1").as_deref()
+    );
+    assert!(!run.stdout.contains("cli-paid-1") && !run.stdout.contains(TOKEN));
+
+    // The block a person reads.
+    let run = ledger(
+        &files,
+        &["inspect", "--token", TOKEN, "cli-paid-1", "--body"],
+    )
+    .await;
+    assert_eq!(run.code, 0);
+    for expected in [
+        "completed",
+        "201 Created",
+        "bytes of body",
+        "expires",
+        "(in ",
+    ] {
+        assert!(
+            run.stdout.contains(expected),
+            "{expected:?} in {}",
+            run.stdout
+        );
+    }
+    assert!(
+        run.stdout.contains(paid.body["id"].as_str().unwrap()),
+        "--body prints the stored body"
+    );
+
+    // Another tenant's token finds nothing; a malformed key is an error.
+    let other = ledger(&files, &["inspect", "--token", "tok_other", "cli-paid-1"]).await;
+    assert_eq!(other.code, 1);
+    assert!(other.stdout.contains("no live record"), "{}", other.stdout);
+    let other = ledger(
+        &files,
+        &["inspect", "--token", "tok_other", "cli-paid-1", "--json"],
+    )
+    .await;
+    assert_eq!((other.code, other.json()), (1, Value::Null));
+    let bad = ledger(&files, &["inspect", "--token", TOKEN, "bad\u{1}key"]).await;
+    assert_eq!(bad.code, 2);
+    drop(service);
+}
+
+#[tokio::test]
+async fn release_frees_a_claim_stuck_by_a_killed_instance_and_the_retry_runs_once() {
+    let files = Files::new();
+    let client = client();
+    let key = "cli-stuck-1";
+    let mut doomed = Service::start(&files, 500, Some("--pause-after-write")).await;
+    let first = tokio::spawn({
+        let (client, base) = (client.clone(), doomed.base.clone());
+        async move {
+            client
+                .post(format!("{base}/payments"))
+                .bearer_auth(TOKEN)
+                .header("Idempotency-Key", key)
+                .json(&json!({ "amount": 1234, "currency": "EUR", "customer": "cli-bob" }))
+                .send()
+                .await
+        }
+    });
+    assert_eq!(doomed.next_line().await.as_deref(), Some("WRITTEN"));
+    doomed.kill().await;
+    assert!(first.await.unwrap().is_err(), "its connection died with it");
+
+    // Once the lease (500 ms) lapsed, the claim is listed as stuck.
+    let attribute = payment_service::auth::key_attribute(TOKEN, key).unwrap();
+    let started = Instant::now();
+    let stuck = loop {
+        let run = ledger(&files, &["stuck", "--older-than-ms", "0", "--json"]).await;
+        assert_eq!(run.code, 0);
+        let list = run.json();
+        if !list.as_array().unwrap().is_empty() {
+            break list;
+        }
+        assert!(started.elapsed() < PATIENCE, "never listed as stuck");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(stuck.as_array().unwrap().len(), 1, "{stuck}");
+    assert_eq!(stuck[0]["key_attribute"], attribute.as_str());
+    assert_eq!(stuck[0]["state"], "in_progress");
+    assert_eq!(stuck[0]["lease_lapsed"], true);
+    // With a token, only its tenant's.
+    let theirs = ledger(&files, &["stuck", "--token", "tok_other", "--json"]).await;
+    assert_eq!(theirs.json(), json!([]));
+    let human = ledger(&files, &["stuck"]).await;
+    assert!(
+        human.stdout.contains("1 claim(s) stuck"),
+        "{}",
+        human.stdout
+    );
+    assert!(human.stdout.contains(" ago)"), "{}", human.stdout);
+
+    let released = ledger(&files, &["release", "--token", TOKEN, key, "--json"]).await;
+    assert_eq!(released.code, 0);
+    assert_eq!(released.json()["released"], true);
+    assert_eq!(
+        released.json()["record"]["operation_id"],
+        stuck[0]["operation_id"]
+    );
+    let again = ledger(&files, &["release", "--token", TOKEN, key]).await;
+    assert_eq!(again.code, 1, "nothing left to release");
+    let none = ledger(&files, &["stuck", "--json"]).await;
+    assert_eq!(none.json(), json!([]));
+
+    // The retry runs once (201, not a replay); the one after is its replay; one payment.
+    let restarted = Service::start(&files, 30_000, None).await;
+    let retry = pay(&client, &restarted.base, key, "cli-bob", 1234).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.body);
+    assert!(!retry.replayed);
+    let replay = pay(&client, &restarted.base, key, "cli-bob", 1234).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.body["id"], retry.body["id"]);
+    let payments: Value = client
+        .get(format!("{}/payments?customer=cli-bob", restarted.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        payments["payments"].as_array().unwrap().len(),
+        1,
+        "{payments}"
+    );
+
+    // A completed key is not released.
+    let completed = ledger(&files, &["release", "--token", TOKEN, key]).await;
+    assert_eq!(completed.code, 1);
+    assert!(completed.stdout.contains("refused"), "{}", completed.stdout);
+}
+
+#[tokio::test]
+async fn evict_of_a_stored_402_makes_the_retry_run_again() {
+    let files = Files::new();
+    let client = client();
+    let service = Service::start(&files, 30_000, None).await;
+    let key = "cli-declined-1";
+    let declined = pay(&client, &service.base, key, "cli-carol", 2_000_000).await;
+    assert_eq!(
+        declined.status,
+        StatusCode::PAYMENT_REQUIRED,
+        "{}",
+        declined.body
+    );
+    let replayed = pay(&client, &service.base, key, "cli-carol", 2_000_000).await;
+    assert!(replayed.replayed, "a stored 4xx is replayed");
+
+    let other = ledger(&files, &["evict", "--token", "tok_other", key]).await;
+    assert_eq!(other.code, 1, "another tenant cannot evict it");
+    let evicted = ledger(&files, &["evict", "--token", TOKEN, key]).await;
+    assert_eq!(evicted.code, 0);
+    assert!(evicted.stdout.contains("evicted"), "{}", evicted.stdout);
+    assert!(evicted.stdout.contains("402"), "{}", evicted.stdout);
+    let gone = ledger(&files, &["evict", "--token", TOKEN, key, "--json"]).await;
+    assert_eq!(gone.code, 1);
+    assert_eq!(gone.json()["refused"], "not-found");
+
+    let retry = pay(&client, &service.base, key, "cli-carol", 2_000_000).await;
+    assert_eq!(retry.status, StatusCode::PAYMENT_REQUIRED);
+    assert!(!retry.replayed, "evicted: the payment ran again");
+    let record = ledger(&files, &["inspect", "--token", TOKEN, key, "--json"]).await;
+    assert_eq!(record.json()["status"], 402);
+    drop(service);
+}
