@@ -82,6 +82,8 @@ use store::Cache;
 ///
 /// Cloning is cheap and shares the cache. The builder methods start a new, empty cache: call
 /// them before the ledger is used.
+///
+/// [`Existing::expires_in`]: crate::Existing::expires_in
 pub struct CachedLedger<L> {
     inner: L,
     cache: Arc<Cache>,
