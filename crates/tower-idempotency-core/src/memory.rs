@@ -3,18 +3,23 @@
 use std::{
     collections::HashMap,
     fmt,
-    hash::BuildHasher,
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    Claim, ClaimRequest, Existing, FencingToken, Fingerprint, Lease, Ledger, LedgerError,
-    LedgerKey, MAX_DURATION, OperationId, Progress, RecordInfo, RecordState, ScopeDigest,
-    StoredResponse,
+    Claim, ClaimRequest, Existing, FencingToken, Lease, Ledger, LedgerError, LedgerKey,
+    MAX_DURATION, OperationId, RecordInfo, RecordState, ScopeDigest, StoredResponse,
 };
+
+mod entry;
+mod hasher;
+
+use entry::{Entry, State};
+pub(crate) use hasher::KeyHasher;
+use hasher::shard_of;
 
 /// A ledger in this process's memory: fast, and gone when the process exits.
 ///
@@ -45,67 +50,6 @@ type Records = HashMap<LedgerKey, Box<Entry>, KeyHasher>;
 struct Inner {
     records: Box<[Mutex<Records>]>,
     operations: Box<[Mutex<HashMap<OperationId, LedgerKey, KeyHasher>>]>,
-}
-
-struct Entry {
-    scope: ScopeDigest,
-    fingerprint: Fingerprint,
-    operation_id: OperationId,
-    expires_at: Instant,
-    state: State,
-    /// Created when someone first waits on this key; every change is sent on it.
-    changed: Option<watch::Sender<()>>,
-}
-
-enum State {
-    InProgress {
-        token: FencingToken,
-        lease_until: Instant,
-    },
-    Completed(StoredResponse),
-}
-
-impl Entry {
-    fn notify(&mut self) {
-        if let Some(tx) = self.changed.take() {
-            tx.send_replace(());
-        }
-    }
-}
-
-/// Both maps are keyed by values that are already uniformly random (SHA-256 digests, v4 UUIDs),
-/// so hashing them again with SipHash would be wasted work on the hot path: take 8 bytes.
-#[derive(Clone, Copy, Default)]
-pub(crate) struct KeyHasher;
-
-impl BuildHasher for KeyHasher {
-    type Hasher = PrefixHasher;
-    fn build_hasher(&self) -> PrefixHasher {
-        PrefixHasher(0)
-    }
-}
-
-pub(crate) struct PrefixHasher(u64);
-
-impl std::hash::Hasher for PrefixHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Digests and UUIDs hash as their bytes (after a length prefix for arrays of slices,
-        // which `write_usize` below ignores); fold the first 8 random bytes.
-        for chunk in bytes.chunks(8).take(1) {
-            let mut buf = [0u8; 8];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            self.0 ^= u64::from_le_bytes(buf);
-        }
-    }
-    fn write_usize(&mut self, _: usize) {}
-}
-
-fn shard_of(bytes: &[u8], shards: usize) -> usize {
-    // The last byte is independent of the 8 the hasher uses, so shard and bucket do not correlate.
-    bytes[bytes.len() - 1] as usize % shards
 }
 
 /// `now + duration`, capped at [`MAX_DURATION`] (as the SQL ledgers cap it): `Duration::MAX`
@@ -465,154 +409,5 @@ impl Ledger for MemoryLedger {
     }
 }
 
-impl Entry {
-    fn info(&self, key: &LedgerKey, now: Instant, with_body: bool) -> RecordInfo {
-        // `Instant`s have no wall-clock meaning: place them relative to this moment.
-        let wall = SystemTime::now();
-        let at = |instant: Instant| {
-            if instant >= now {
-                wall + (instant - now)
-            } else {
-                wall - (now - instant)
-            }
-        };
-        RecordInfo {
-            key: *key,
-            scope: self.scope,
-            operation_id: self.operation_id,
-            fingerprint: self.fingerprint,
-            expires_at: at(self.expires_at),
-            progress: match &self.state {
-                State::InProgress { token, lease_until } => Progress::InProgress {
-                    token: *token,
-                    lease_until: at(*lease_until),
-                    lease_lapsed: *lease_until <= now,
-                },
-                State::Completed(response) => Progress::Completed {
-                    status: response.status,
-                    body_len: response.body.len(),
-                    body_omitted: response.body_omitted,
-                    response: with_body.then(|| response.clone()),
-                },
-            },
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::IdempotencyKey;
-
-    fn claim(key: &str, fp: &[u8]) -> ClaimRequest {
-        let key = IdempotencyKey::parse(key.as_bytes()).unwrap();
-        ClaimRequest::new(
-            LedgerKey::new(b"", &key),
-            ScopeDigest::new(b""),
-            Fingerprint::of(fp),
-            Duration::from_secs(30),
-            Duration::from_secs(3600),
-        )
-    }
-
-    /// A completion that lands between a duplicate's claim and its wait is seen at once, never
-    /// at the wait's timeout (issue 14). Time is paused, so a missed completion shows as the
-    /// whole timeout elapsed, not as a slow test.
-    #[tokio::test(start_paused = true)]
-    async fn a_completion_before_the_wait_is_not_waited_out() {
-        let ledger = MemoryLedger::new();
-        let timeout = Duration::from_secs(3);
-        for i in 0..1_000 {
-            let request = claim(&format!("race-{i}"), b"x");
-            let Ok(Claim::Acquired(lease)) = ledger.claim(&request).await else {
-                panic!("not acquired");
-            };
-            let Ok(Claim::Existing(_)) = ledger.claim(&request).await else {
-                panic!("the duplicate acquired the key");
-            };
-            let response = StoredResponse {
-                status: http::StatusCode::OK,
-                headers: Default::default(),
-                body: bytes::Bytes::from_static(b"ok"),
-                body_omitted: false,
-            };
-            ledger
-                .complete(
-                    &request.key,
-                    lease.token,
-                    &response,
-                    Duration::from_secs(60),
-                )
-                .await
-                .unwrap();
-            let started = Instant::now();
-            ledger.wait_for_change(&request.key, timeout).await;
-            assert!(
-                started.elapsed() < timeout,
-                "iteration {i}: the wait missed a completion and ran out its timeout"
-            );
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn spreads_keys_over_shards_and_buckets() {
-        let ledger = MemoryLedger::with_shards(8);
-        for i in 0..800 {
-            let r = claim(&format!("k{i}"), b"x");
-            assert!(matches!(
-                ledger.claim(&r).await.unwrap(),
-                Claim::Acquired(_)
-            ));
-        }
-        let sizes: Vec<usize> = ledger.inner.records.iter().map(|s| lock(s).len()).collect();
-        assert!(sizes.iter().all(|&n| n > 50), "uneven shards: {sizes:?}");
-        assert_eq!(ledger.len(), 800);
-    }
-
-    #[tokio::test]
-    async fn durations_too_long_for_an_instant_saturate_instead_of_panicking() {
-        let ledger = MemoryLedger::new();
-        let mut r = claim("forever", b"x");
-        (r.lease, r.retention) = (Duration::MAX, Duration::MAX);
-        let Claim::Acquired(lease) = ledger.claim(&r).await.unwrap() else {
-            panic!("expected a fresh claim")
-        };
-        ledger
-            .renew(&r.key, lease.token, Duration::MAX)
-            .await
-            .unwrap();
-        let stored = StoredResponse {
-            status: http::StatusCode::OK,
-            headers: http::HeaderMap::new(),
-            body: bytes::Bytes::new(),
-            body_omitted: false,
-        };
-        ledger
-            .complete(&r.key, lease.token, &stored, Duration::MAX)
-            .await
-            .unwrap();
-        assert_eq!(ledger.purge_expired(10).await.unwrap(), 0);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn purge_bounds_memory_and_forgets_operations() {
-        let ledger = MemoryLedger::new();
-        let mut r = claim("k", b"x");
-        r.retention = Duration::from_secs(1);
-        let Claim::Acquired(lease) = ledger.claim(&r).await.unwrap() else {
-            panic!("expected a fresh claim")
-        };
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(ledger.purge_expired(10).await.unwrap(), 1);
-        assert!(ledger.is_empty());
-        assert!(
-            ledger
-                .operation(&r.scope, lease.operation_id)
-                .await
-                .unwrap()
-                .is_none()
-        );
-        let ops: usize = ledger.inner.operations.iter().map(|s| lock(s).len()).sum();
-        assert_eq!(ops, 0);
-    }
-}
+mod tests;

@@ -55,30 +55,34 @@
 //! and would tie the description to how the app is routed. The crate is re-exported as
 //! [`utoipa`] so that the versions match.
 //!
+//! [`IDEMPOTENT_REPLAY_BODY`]: crate::IDEMPOTENT_REPLAY_BODY
 //! [draft-ietf-httpapi-idempotency-key-header-07, section 2.5.2]: https://datatracker.ietf.org/doc/html/draft-ietf-httpapi-idempotency-key-header-07#section-2.5.2
 
 use std::time::Duration;
 
-use http::{HeaderName, Method, StatusCode, header};
-use serde_json::{Value, json};
+use http::{HeaderName, Method, StatusCode};
+use serde_json::json;
 use utoipa::openapi::{
-    OpenApi, PathItem, RefOr, Required,
+    OpenApi, PathItem, RefOr,
     extensions::Extensions,
-    header::Header,
-    path::{Operation, Parameter, ParameterIn},
-    response::Response,
-    schema::Schema,
+    path::{Operation, ParameterIn},
 };
 use uuid::Uuid;
 
 pub use utoipa;
 
 use crate::{
-    IDEMPOTENT_REPLAY_BODY, IDEMPOTENT_REPLAYED, IdempotencyLayer, InProgress, LedgerFailure,
-    MissingKey,
+    IDEMPOTENT_REPLAYED, IdempotencyLayer, InProgress, LedgerFailure, MissingKey,
     config::{Config, StorePredicate, is_stored_by_default},
-    problem::{Rejection, RejectionKind, TYPE_BASE, render},
+    problem::RejectionKind,
 };
+
+mod headers;
+mod operation_status;
+mod responses;
+
+use headers::{add_replay_headers, display_name};
+use responses::{Sample, merge_response, sample};
 
 /// The name of the extension that publishes the expiry policy.
 pub const EXTENSION: &str = "x-idempotency";
@@ -95,14 +99,6 @@ impl<L> IdempotencyLayer<L> {
     pub fn openapi(&self) -> Contract {
         Contract::of(&self.shared.config)
     }
-}
-
-/// One rejection as the configured responder renders it.
-#[derive(Debug, Clone)]
-struct Sample {
-    kind: RejectionKind,
-    content_type: String,
-    body: Option<Value>,
 }
 
 /// What a layer promises, ready to add to an OpenAPI document. Made by
@@ -288,38 +284,6 @@ impl Contract {
         }
     }
 
-    /// The key header parameter.
-    pub fn key_parameter(&self) -> Parameter {
-        let name = display_name(&self.header);
-        let required = if self.key_required {
-            Required::True
-        } else {
-            Required::False
-        };
-        let mut description = format!(
-            "A unique key per operation, so that a retry is not executed twice: 1 to 255 \
-             visible ASCII characters (0x21 to 0x7E), sent bare (`abc`) or as an RFC 8941 \
-             string (`\"abc\"`, escapes `\\\"` and `\\\\`); both forms name the same key. The \
-             server remembers a key for {} seconds (`x-idempotency.expiry-seconds`).",
-            self.retention.as_secs()
-        );
-        if !self.key_required {
-            description.push_str(" Without it, the request runs unprotected.");
-        }
-        let mut parameter = Parameter::new(name);
-        parameter.parameter_in = ParameterIn::Header;
-        parameter.required = required;
-        parameter.description = Some(description);
-        parameter.schema = Some(schema(json!({
-            "type": "string",
-            "minLength": 1,
-            "maxLength": 512,
-            "pattern": KEY_PATTERN,
-            "examples": ["order-42-attempt-1"],
-        })));
-        parameter
-    }
-
     /// The `x-idempotency` extension: the published idempotency specification and expiry policy.
     pub fn extension(&self) -> Extensions {
         let secs = self.retention.as_secs();
@@ -356,266 +320,10 @@ impl Contract {
         }
         Extensions::builder().add(EXTENSION, value).build()
     }
-
-    /// The rejections, by status code (several cases may share one).
-    fn rejection_responses(&self) -> Vec<(String, Response)> {
-        let mut out: Vec<(String, Response)> = Vec::new();
-        for status in self.samples.iter().map(|s| s.kind.status()) {
-            let code = status.as_str().to_owned();
-            if out.iter().any(|(c, _)| *c == code) {
-                continue;
-            }
-            let cases: Vec<&Sample> = self
-                .samples
-                .iter()
-                .filter(|s| s.kind.status() == status)
-                .collect();
-            out.push((code, self.response_for(&cases)));
-        }
-        out
-    }
-
-    fn response_for(&self, cases: &[&Sample]) -> Response {
-        let description = cases
-            .iter()
-            .map(|s| format!("{} (`{}`)", s.kind.title(), s.kind.slug()))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let mut response = Response::new(format!("Idempotency layer: {description}."));
-        let status = cases[0].kind.status();
-        if matches!(
-            cases[0].kind,
-            RejectionKind::InProgress | RejectionKind::Accepted | RejectionKind::LedgerUnavailable
-        ) {
-            response.headers.insert(
-                "Retry-After".to_owned(),
-                header_of(
-                    json!({ "type": "integer", "minimum": 1, "examples": [self.retry_after] }),
-                    "Seconds to wait before retrying with the same key.",
-                ),
-            );
-        }
-        if cases[0].kind == RejectionKind::Accepted {
-            response.headers.insert(
-                "Location".to_owned(),
-                header_of(
-                    json!({ "type": "string", "examples": [format!("{}/{}", self.operation_path, Uuid::nil())] }),
-                    "The operation-status resource to poll.",
-                ),
-            );
-        }
-        for content_type in cases.iter().map(|s| s.content_type.as_str()) {
-            if response.content.contains_key(content_type) {
-                continue;
-            }
-            let same: Vec<&&Sample> = cases
-                .iter()
-                .filter(|s| s.content_type == content_type)
-                .collect();
-            let mut content = utoipa::openapi::content::Content::default();
-            let uris: Vec<String> = same.iter().map(|s| type_uri(s.kind)).collect();
-            let default_format = same.iter().all(|s| {
-                s.body
-                    .as_ref()
-                    .is_some_and(|b| b["type"] == type_uri(s.kind))
-            });
-            if default_format {
-                content.schema = Some(problem_schema(&uris, status));
-            }
-            content.example = same.iter().find_map(|s| s.body.clone());
-            response.content.insert(content_type.to_owned(), content);
-        }
-        response
-    }
-
-    fn operation_status_item(&self) -> PathItem {
-        let mut operation = Operation::new();
-        operation.summary = Some("The status of an idempotent operation".to_owned());
-        operation.description = Some(format!(
-            "For the caller's own scope: 200 with `status: in_progress` and `Retry-After` while \
-             the operation runs, its stored response (with `{}: true`) once it completed, 404 \
-             for an unknown id or another caller's operation.",
-            display_name(&IDEMPOTENT_REPLAYED)
-        ));
-        let mut id = Parameter::new("operation_id");
-        id.parameter_in = ParameterIn::Path;
-        id.required = Required::True;
-        id.schema = Some(schema(json!({ "type": "string" })));
-        operation.parameters = Some(vec![id]);
-
-        let mut running = Response::new("The operation is in progress (or its stored 200).");
-        running.headers.insert(
-            "Retry-After".to_owned(),
-            header_of(
-                json!({ "type": "integer", "minimum": 1 }),
-                "Seconds to wait before polling again.",
-            ),
-        );
-        let mut content = utoipa::openapi::content::Content::default();
-        content.schema = Some(schema(json!({
-            "type": "object",
-            "required": ["operation_id", "status"],
-            "properties": {
-                "operation_id": { "type": "string", "format": "uuid" },
-                "status": { "type": "string", "enum": ["in_progress"] },
-            },
-        })));
-        running
-            .content
-            .insert("application/json".to_owned(), content);
-        let responses = &mut operation.responses.responses;
-        responses.insert("200".to_owned(), RefOr::T(running));
-        let mut stored = Response::new("The operation's stored response, replayed.");
-        add_replay_headers(&mut stored);
-        responses.insert("default".to_owned(), RefOr::T(stored));
-        let kinds = [
-            RejectionKind::OperationNotFound,
-            RejectionKind::LedgerUnavailable,
-        ];
-        for kind in kinds {
-            let Some(sample) = self
-                .samples
-                .iter()
-                .find(|s| s.kind == kind)
-                .cloned()
-                .or_else(|| (kind == RejectionKind::OperationNotFound).then(|| self.not_found()))
-            else {
-                continue;
-            };
-            responses.insert(
-                kind.status().as_str().to_owned(),
-                RefOr::T(self.response_for(&[&sample])),
-            );
-        }
-        PathItem::new(utoipa::openapi::HttpMethod::Get, operation)
-    }
-
-    fn not_found(&self) -> Sample {
-        self.samples
-            .iter()
-            .find(|s| s.kind == RejectionKind::OperationNotFound)
-            .cloned()
-            .unwrap_or_else(|| Sample {
-                kind: RejectionKind::OperationNotFound,
-                content_type: self
-                    .samples
-                    .first()
-                    .map(|s| s.content_type.clone())
-                    .unwrap_or_else(|| "application/problem+json".to_owned()),
-                body: None,
-            })
-    }
 }
 
 impl utoipa::Modify for Contract {
     fn modify(&self, openapi: &mut OpenApi) {
         self.apply(openapi);
     }
-}
-
-/// `kind` rendered by the configured responder.
-fn sample(config: &Config, kind: RejectionKind, operation: Option<Uuid>) -> Sample {
-    let mut rejection = Rejection::new(kind, kind.title());
-    if let Some(id) =
-        operation.filter(|_| matches!(kind, RejectionKind::InProgress | RejectionKind::Accepted))
-    {
-        rejection = rejection.operation(id, None);
-    }
-    let response = render(&*config.responder, &rejection);
-    let content_type = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned())
-        .unwrap_or_else(|| "application/octet-stream".to_owned());
-    Sample {
-        kind,
-        content_type,
-        body: serde_json::from_slice(response.body()).ok(),
-    }
-}
-
-fn type_uri(kind: RejectionKind) -> String {
-    format!("{TYPE_BASE}#{}", kind.slug())
-}
-
-fn problem_schema(uris: &[String], status: StatusCode) -> RefOr<Schema> {
-    schema(json!({
-        "type": "object",
-        "description": "RFC 9457 problem details.",
-        "required": ["type", "title", "status", "detail"],
-        "properties": {
-            "type": { "type": "string", "enum": uris },
-            "title": { "type": "string" },
-            "status": { "type": "integer", "enum": [status.as_u16()] },
-            "detail": { "type": "string" },
-            "operation_id": { "type": "string", "format": "uuid" },
-        },
-    }))
-}
-
-fn add_replay_headers(response: &mut Response) {
-    response.headers.insert(
-        display_name(&IDEMPOTENT_REPLAYED),
-        header_of(
-            json!({ "type": "string", "enum": ["true"] }),
-            "Present on a replay: this is the stored response of an earlier request with the same key.",
-        ),
-    );
-    response.headers.insert(
-        display_name(&IDEMPOTENT_REPLAY_BODY),
-        header_of(
-            json!({ "type": "string", "enum": ["omitted"] }),
-            "Present on a replay whose body was too large to store: status and headers only.",
-        ),
-    );
-}
-
-/// Combines the layer's `ours` into the operation's own response for the same status.
-fn merge_response(existing: &mut Response, ours: Response) {
-    existing.description = format!("{} Or: {}", existing.description, ours.description);
-    for (name, header) in ours.headers {
-        existing.headers.entry(name).or_insert(header);
-    }
-    for (media_type, content) in ours.content {
-        match existing.content.get_mut(&media_type) {
-            Some(mine) => {
-                mine.schema = match (mine.schema.take(), content.schema) {
-                    (Some(a), Some(b)) => Some(schema(json!({ "anyOf": [a, b] }))),
-                    (a, b) => a.or(b),
-                };
-            }
-            None => {
-                existing.content.insert(media_type, content);
-            }
-        }
-    }
-}
-
-/// `idempotency-key` as `Idempotency-Key`: header names are case-insensitive, and documents
-/// conventionally capitalise them.
-fn display_name(name: &HeaderName) -> String {
-    name.as_str()
-        .split('-')
-        .map(|part| {
-            let mut chars = part.chars();
-            chars
-                .next()
-                .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
-                .unwrap_or_default()
-        })
-        .collect::<Vec<_>>()
-        .join("-")
-}
-
-fn header_of(schema_json: Value, description: &str) -> Header {
-    let mut header = Header::new(schema(schema_json));
-    header.description = Some(description.to_owned());
-    header
-}
-
-/// A schema from its JSON form; the JSON above is fixed and valid, so this does not fail, and an
-/// empty schema (anything) stands in if it ever did.
-fn schema(value: Value) -> RefOr<Schema> {
-    serde_json::from_value(value).unwrap_or_else(|_| RefOr::T(Schema::default()))
 }
