@@ -138,6 +138,8 @@ struct Measured {
     unavailable: usize,
     unavailable_elsewhere: usize,
     conflicts: usize,
+    conflicts_elsewhere: usize,
+    last_conflict: Option<Duration>,
     slowest: Duration,
     first_failure: Option<Duration>,
     first_success_after: Option<Duration>,
@@ -315,6 +317,15 @@ fn failover_run(
             .iter()
             .filter(|a| a.status == StatusCode::CONFLICT)
             .count(),
+        conflicts_elsewhere: log
+            .iter()
+            .filter(|a| a.status == StatusCode::CONFLICT && !on_victim(a))
+            .count(),
+        last_conflict: log
+            .iter()
+            .filter(|a| a.status == StatusCode::CONFLICT)
+            .map(|a| since_kill(a.answered))
+            .max(),
         slowest: log
             .iter()
             .map(|a| a.answered - a.started)
