@@ -6,48 +6,18 @@
 //! The Cluster and the outage servers are `redis-server` processes on free loopback ports, in a
 //! temporary directory, killed by pid when their guard drops (a failing test included).
 
-use std::{
-    net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+#[path = "common/redis_cluster.rs"]
+mod redis_cluster;
+
+use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
+use redis_cluster::{Servers, cli, free_port, redis_url, start_cluster, temp_dir, unique_prefix};
 use tower_idempotency_core::{
     Claim, ClaimRequest, Fingerprint, IdempotencyKey, Ledger, LedgerError, LedgerKey, RecordState,
     ScopeDigest, conformance,
 };
 use tower_idempotency_redis::{RedisLedger, redis};
-
-/// The Redis URL from `REDIS_URL`, read at run time. Unset (or empty): the caller skips, and
-/// this prints a line saying so, unless `CI=true`, where a missing service is a failure.
-fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok_and(|ci| ci == "true") => {
-            panic!("REDIS_URL is not set, and CI=true: the Redis tests must run in CI")
-        }
-        _ => {
-            eprintln!("SKIPPED: REDIS_URL is not set, so this Redis test did not run");
-            None
-        }
-    }
-}
-
-/// A prefix no other test (in this process or another) uses.
-fn unique_prefix() -> String {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    format!(
-        "ti-test:{}:{}:{nanos}:",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
 
 /// A ledger under a fresh prefix on the `REDIS_URL` server; its keys are deleted afterwards.
 struct Prefixed {
@@ -274,136 +244,6 @@ async fn cross_instance_wake(ledger: RedisLedger, other: RedisLedger) {
     );
 }
 
-/// A free loopback port whose Cluster bus port (+10000) is free too.
-fn free_port() -> u16 {
-    for _ in 0..100 {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-        let port = listener.local_addr().expect("addr").port();
-        if port < 50_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port pair found");
-}
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join("redis")
-        .join(format!("{name}-{}", unique_prefix().replace(':', "-")));
-    std::fs::create_dir_all(&dir).expect("a temporary directory");
-    dir
-}
-
-/// `redis-server` processes, killed by pid (and reaped) when dropped.
-struct Servers {
-    children: Vec<(u16, Child)>,
-    dir: PathBuf,
-}
-
-impl Servers {
-    fn new(dir: PathBuf) -> Self {
-        Self {
-            children: Vec::new(),
-            dir,
-        }
-    }
-
-    fn start(&mut self, port: u16, extra: &[&str]) {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server (is it installed?)");
-        self.children.push((port, child));
-        wait_until(
-            Duration::from_secs(10),
-            &format!("redis-server on {port} answers"),
-            || cli(port, &["ping"]).is_some_and(|out| out.trim() == "PONG"),
-        );
-    }
-
-    fn kill(&mut self, port: u16) {
-        if let Some(i) = self.children.iter().position(|(p, _)| *p == port) {
-            let (_, mut child) = self.children.remove(i);
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting until {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Three masters, no replicas, every slot assigned, `cluster_state:ok` on every node.
-fn start_cluster() -> (Servers, Vec<u16>) {
-    let mut servers = Servers::new(temp_dir("cluster"));
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    for &port in &ports {
-        let conf = format!("nodes-{port}.conf");
-        servers.start(
-            port,
-            &["--cluster-enabled", "yes", "--cluster-config-file", &conf],
-        );
-    }
-    let nodes: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut create = vec!["--cluster", "create"];
-    create.extend(nodes.iter().map(String::as_str));
-    create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-    let created = Command::new("redis-cli")
-        .args(&create)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("run redis-cli --cluster create");
-    assert!(created.success(), "redis-cli --cluster create failed");
-    wait_until(
-        Duration::from_secs(20),
-        "cluster_state:ok on every node",
-        || {
-            ports.iter().all(|&p| {
-                cli(p, &["cluster", "info"]).is_some_and(|info| info.contains("cluster_state:ok"))
-            })
-        },
-    );
-    (servers, ports)
-}
-
 /// The whole suite against a Redis Cluster this test starts (3 masters), every check at once,
 /// each under its own prefix. Needs `REDIS_URL` only as the switch that Redis is available.
 #[test]
@@ -412,7 +252,7 @@ fn cluster_conformance() {
         return;
     }
     let started = Instant::now();
-    let (servers, ports) = start_cluster();
+    let (servers, ports) = start_cluster(3, 0, &[]);
     eprintln!("cluster of 3 masters up in {:?}", started.elapsed());
     let nodes: Vec<String> = ports
         .iter()
