@@ -66,12 +66,19 @@ impl<L> IdempotencyLayer<L> {
     }
 }
 
+/// How many stuck claims the purge task counts at most.
+const STUCK_COUNT_LIMIT: usize = 10_000;
+
 impl<L: tower_idempotency_core::Ledger> IdempotencyLayer<L> {
     /// Purges expired records every `every`, `batch` at a time, until the returned future is
     /// dropped, as [`purge_periodically`](tower_idempotency_core::purge_periodically) does, and
-    /// counts them in the layer's `idempotency.purged` metric (feature `opentelemetry`). Spawn
-    /// it once per ledger; the first purge runs at once. A failed purge is logged and retried at
-    /// the next tick.
+    /// counts them in the layer's `idempotency.purged` metric (feature `opentelemetry`). Each
+    /// tick it also counts the claims whose lease lapsed with nobody taking them over (up to
+    /// 10,000; [`Ledger::stuck`](tower_idempotency_core::Ledger::stuck)) into the
+    /// `idempotency.stuck` gauge, for an alert on stuck 409s; a ledger without `stuck` records
+    /// nothing. Spawn it once per ledger; the first purge runs at once. Each call is bounded by
+    /// the layer's ledger timeout (purge: ten times it, as it runs batch after batch); a failed
+    /// or timed-out one is logged and tried again at the next tick.
     ///
     /// ```
     /// # async fn run() {
@@ -94,7 +101,13 @@ impl<L: tower_idempotency_core::Ledger> IdempotencyLayer<L> {
             loop {
                 tick.tick().await;
                 let ledger = &shared.ledger;
-                match ledger.purge_expired(batch).await {
+                let bound = shared.config.ledger_timeout();
+                let purged = tokio::time::timeout(bound * 10, ledger.purge_expired(batch)).await;
+                let purged = purged.unwrap_or(Err(tower_idempotency_core::LedgerError::Timeout {
+                    operation: "purge",
+                    after: bound * 10,
+                }));
+                match purged {
                     Ok(0) => {}
                     Ok(purged) => {
                         shared.config.telemetry.purged(ledger.name(), purged);
@@ -108,6 +121,23 @@ impl<L: tower_idempotency_core::Ledger> IdempotencyLayer<L> {
                         ledger = ledger.name(),
                         %error,
                         "purging expired idempotency records failed"
+                    ),
+                }
+                let stuck = ledger.stuck(std::time::Duration::ZERO, STUCK_COUNT_LIMIT);
+                match tokio::time::timeout(bound, stuck).await {
+                    Ok(Ok(stuck)) => shared
+                        .config
+                        .telemetry
+                        .stuck(ledger.name(), stuck.len() as u64),
+                    Ok(Err(tower_idempotency_core::LedgerError::Unsupported { .. })) => {}
+                    Ok(Err(error)) => tracing::warn!(
+                        ledger = ledger.name(),
+                        %error,
+                        "counting stuck idempotency claims failed"
+                    ),
+                    Err(_) => tracing::warn!(
+                        ledger = ledger.name(),
+                        "counting stuck idempotency claims timed out"
                     ),
                 }
             }

@@ -57,6 +57,7 @@ struct OnCallMetrics {
     in_flight: opentelemetry::metrics::UpDownCounter<i64>,
     wait_duration: Histogram<f64>,
     purged: Counter<u64>,
+    stuck: opentelemetry::metrics::Gauge<u64>,
 }
 
 /// One claim held by this instance, counted in `idempotency.in_flight` until dropped (the
@@ -181,6 +182,12 @@ impl Telemetry {
                     .u64_counter("idempotency.purged")
                     .with_description("Expired records deleted by the purge task")
                     .build(),
+                stuck: meter
+                    .u64_gauge("idempotency.stuck")
+                    .with_description(
+                        "Claims whose lease lapsed with nobody taking them over, as the purge task last counted",
+                    )
+                    .build(),
             }
         })
     }
@@ -209,6 +216,16 @@ impl Telemetry {
     }
 
     /// The purge task deleted `purged` expired records from `ledger`.
+    /// Records how many claims the ledger holds whose lease lapsed (`idempotency.stuck`).
+    pub(crate) fn stuck(&self, ledger: &'static str, stuck: u64) {
+        #[cfg(feature = "opentelemetry")]
+        self.on_call()
+            .stuck
+            .record(stuck, &[KeyValue::new("ledger", ledger)]);
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = (ledger, stuck);
+    }
+
     pub(crate) fn purged(&self, ledger: &'static str, purged: u64) {
         #[cfg(feature = "opentelemetry")]
         self.on_call()

@@ -423,3 +423,48 @@ async fn the_renewal_ceiling_the_lost_lease_and_the_breaker_are_metrics() {
         "{metrics:?}"
     );
 }
+
+/// The purge task counts claims whose lease lapsed with nobody taking them over (an instance
+/// that died holding them) into `idempotency.stuck`, by ledger: the gauge a stuck-409s alert
+/// watches.
+#[tokio::test]
+async fn the_purge_task_counts_stuck_claims() {
+    use tower_idempotency::{
+        Fingerprint, IdempotencyKey, Ledger,
+        core::{ClaimRequest, LedgerKey, ScopeDigest},
+    };
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(exporter.clone()).build())
+        .build();
+    let ledger = MemoryLedger::new();
+    let layer = IdempotencyLayer::builder(ledger.clone())
+        .with_meter(provider.meter("test"))
+        .build()
+        .unwrap();
+    for (key, lease_ms) in [("dead-1", 50), ("dead-2", 50), ("live", 60_000)] {
+        let parsed = IdempotencyKey::parse(key.as_bytes()).unwrap();
+        let claim = ClaimRequest::new(
+            LedgerKey::new(b"", &parsed),
+            ScopeDigest::new(b""),
+            Fingerprint::of(b"body"),
+            Duration::from_millis(lease_ms),
+            Duration::from_secs(3600),
+        );
+        ledger.claim(&claim).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The first tick runs at once; the next is an hour away.
+    let _ = tokio::time::timeout(
+        Duration::from_millis(300),
+        layer.purge_task(Duration::from_secs(3600), 10),
+    )
+    .await;
+    provider.force_flush().unwrap();
+    let metrics = flat(&exporter);
+    assert_eq!(
+        metrics.get("idempotency.stuck{ledger=memory}"),
+        Some(&2),
+        "{metrics:?}"
+    );
+}
