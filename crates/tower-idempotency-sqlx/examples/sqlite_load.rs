@@ -102,6 +102,12 @@ async fn main() {
         at(0.99).as_secs_f64() * 1e3,
         latencies.last().expect("a request").as_secs_f64() * 1e3,
     );
+    // Transactions the writes took (claims, completions, and the migration's none).
+    println!(
+        "  {} writes in {} transactions",
+        latencies.len() * 2,
+        ledger.group_commits()
+    );
     drop(ledger);
     let _ = std::fs::remove_dir_all(&dir);
 }

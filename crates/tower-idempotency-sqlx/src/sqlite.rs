@@ -1,6 +1,6 @@
 //! The SQLite ledger: its SQL, its claim, and its connection settings.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, str::FromStr, sync::Arc, time::Duration};
 
 use sqlx::{
     Pool, SqlStr, Sqlite,
@@ -17,6 +17,7 @@ use crate::{
     ledger::acquired,
     row::{self, COMPLETED, IN_PROGRESS},
     table::TableName,
+    writer::{Write, Writer, Written},
 };
 
 /// A ledger in a SQLite database: the embedded default, for one machine (one file, or memory).
@@ -84,12 +85,15 @@ pub type SqliteLedger = SqlLedger<Sqlite>;
 /// every use within one statement.
 const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
-/// The SQLite ledger's own statement: the record a claim lost to (`1` key).
+/// The SQLite ledger's own statements and its group commit.
 #[derive(Debug)]
 pub struct ReadBack {
+    /// The record a claim lost to (`1` key).
     existing: SqlStr,
     /// The record a claim cannot take (`1` key, `2` fingerprint), read before claiming.
     live: SqlStr,
+    /// The one writer the ledger's writes go through.
+    writer: Arc<Writer>,
 }
 
 impl Backend for Sqlite {
@@ -104,7 +108,7 @@ impl Backend for Sqlite {
 
     type Extra = ReadBack;
 
-    fn prepare(_: &Pool<Self>, table: &TableName) -> (Statements, ReadBack) {
+    fn prepare(pool: &Pool<Self>, table: &TableName) -> (Statements, ReadBack) {
         let t = table.quoted();
         let sql = statement;
         let statements = Statements {
@@ -175,7 +179,15 @@ impl Backend for Sqlite {
              FROM {t} WHERE key = ?1 AND expires_at > {NOW} \
                AND NOT (state = '{IN_PROGRESS}' AND lease_until <= {NOW} AND fingerprint = ?2)"
         ));
-        (statements, ReadBack { existing, live })
+        let writer = Writer::new(pool.clone());
+        (
+            statements,
+            ReadBack {
+                existing,
+                live,
+                writer,
+            },
+        )
     }
 
     fn rows_affected(done: &SqliteQueryResult) -> u64 {
@@ -205,6 +217,13 @@ impl Backend for Sqlite {
             .transpose()
     }
 
+    async fn group_commit(
+        ledger: &SqliteLedger,
+        write: Write<Sqlite>,
+    ) -> Result<Written<Sqlite>, LedgerError> {
+        ledger.extra.writer.write(write).await
+    }
+
     async fn claimed(
         ledger: &SqliteLedger,
         request: &ClaimRequest,
@@ -230,6 +249,12 @@ impl Backend for Sqlite {
 }
 
 impl SqliteLedger {
+    /// How many transactions the ledger's group commit has committed, for the tests.
+    #[doc(hidden)]
+    pub fn group_commits(&self) -> u64 {
+        self.extra.writer.batches()
+    }
+
     /// Connects to `url` (such as `sqlite://idempotency.db?mode=rwc` or `sqlite::memory:`) with
     /// the settings the ledger wants: WAL journal, 5 s busy timeout, the file created if
     /// missing, and for an in-memory database one connection kept open for the pool's life.
