@@ -34,10 +34,18 @@ use crate::{
 ///
 /// SQLite has one writer at a time. A claim first reads the record it cannot take, so a replay,
 /// a 409 or a 422 writes nothing and never waits for the write lock. The ledger's own writes
-/// (claim, complete, release, renew, each purge batch) then take one turn at a time in the
-/// process, first come first served, rather than each retrying in SQLite's busy handler, whose
-/// sleeps grow to 100 ms; a turn not had within 5 s is a ledger error. Another process on the
-/// same file, and exactly-once transactions, still meet at SQLite's lock and its busy timeout.
+/// (claim, complete, release, renew, each purge batch) then go through one writer per ledger
+/// (shared by its clones), which **commits them in groups**: it takes every write queued (up to
+/// 64, without waiting for more, so an idle ledger adds no latency) and runs them in order in one
+/// `BEGIN IMMEDIATE .. COMMIT` on one connection, so that concurrent requests share one fsync.
+/// Each write keeps its meaning: a claim's `INSERT .. ON CONFLICT` still decides atomically, and
+/// sees the writes before it in the batch (two claims of one key have one winner); a fenced
+/// write whose token is stale fails alone, as does one that violates a constraint; an error
+/// that may have rolled the transaction back (a full disk, an I/O error), or a failed `COMMIT`,
+/// fails every write of the batch, and none was written. A write not taken into a batch within
+/// 5 s, or a batch that gets no connection within 5 s, is a ledger error. Another process on the
+/// same file, another ledger value on it (or another table), and exactly-once transactions
+/// (which commit with the handler's own writes) still meet at SQLite's lock and its busy timeout.
 ///
 /// # Connections
 ///

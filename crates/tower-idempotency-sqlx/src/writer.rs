@@ -247,7 +247,7 @@ mod sqlite {
         async fn batch(&self, jobs: Vec<Job>) {
             let (writes, answers): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|job| (job.write, job.answer)).unzip();
-            match self.commit(writes).await {
+            match self.commit(writes, &answers).await {
                 Ok(results) => {
                     self.batches.fetch_add(1, Ordering::Relaxed);
                     for (answer, result) in answers.into_iter().zip(results) {
@@ -273,7 +273,13 @@ mod sqlite {
         /// its own: the batch stops there and is rolled back, and every write fails. (A savepoint
         /// per write would cost two statements each and save nothing more: a transaction rolled
         /// back takes its savepoints with it.)
-        async fn commit(&self, writes: Vec<Write<Sqlite>>) -> Result<Vec<Answer>, Shared> {
+        ///
+        /// A write whose caller went away before its turn (it gave up waiting) is not run.
+        async fn commit(
+            &self,
+            writes: Vec<Write<Sqlite>>,
+            callers: &[oneshot::Sender<Answer>],
+        ) -> Result<Vec<Answer>, Shared> {
             let shared = |error: sqlx::Error| -> Shared { Arc::new(error) };
             let mut connection = tokio::time::timeout(WRITE_TIMEOUT, self.pool.acquire())
                 .await
@@ -288,7 +294,11 @@ mod sqlite {
                 .await
                 .map_err(shared)?;
             let mut answers = Vec::with_capacity(writes.len());
-            for write in writes {
+            for (write, caller) in writes.into_iter().zip(callers) {
+                if caller.is_closed() {
+                    answers.push(Err(LedgerError::backend("the caller went away")));
+                    continue;
+                }
                 match write.run(&mut *transaction).await {
                     Ok(written) => answers.push(Ok(written)),
                     Err(error) if fails_alone(&error) => answers.push(Err(row::error(error))),
