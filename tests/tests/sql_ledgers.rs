@@ -742,3 +742,137 @@ async fn sqlite_a_replay_claim_does_not_wait_for_the_write_lock() {
     drop(writer);
     assert!(matches!(ledger.claim(&fresh).await, Ok(Claim::Acquired(_))));
 }
+
+/// Issue 18: concurrent fresh claims and completions on a SQLite file share transactions (group
+/// commit: fewer commits, so fewer fsyncs, than writes), and each still gets its own answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_concurrent_writes_share_transactions() {
+    const TASKS: usize = 64;
+    let ledger = common::sqlite_file_ledger().await;
+    let before = ledger.group_commits();
+    let start = Arc::new(Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|n| {
+            let (ledger, start) = (ledger.clone(), start.clone());
+            tokio::spawn(async move {
+                let request = request(&format!("batched-{n}"), "body");
+                start.wait().await;
+                let Claim::Acquired(lease) = ledger.claim(&request).await.expect("claim") else {
+                    panic!("a fresh key is acquired")
+                };
+                ledger
+                    .complete(&request.key, lease.token, &sample_response(b"ok"), LONG)
+                    .await
+                    .expect("complete");
+                request
+            })
+        })
+        .collect();
+    let requests: Vec<ClaimRequest> = futures_join(tasks).await;
+    let commits = ledger.group_commits() - before;
+    assert!(
+        commits < 2 * TASKS as u64,
+        "{commits} transactions for {} writes: no batching",
+        2 * TASKS
+    );
+    for request in &requests {
+        match ledger.claim(request).await {
+            Ok(Claim::Existing(existing)) => {
+                assert!(matches!(existing.state, RecordState::Completed(_)));
+            }
+            other => panic!("{:?} is not a replay: {other:?}", request.key),
+        }
+    }
+}
+
+/// Issue 18: in one batch, claims of one key have one winner (each sees the rows written before
+/// it in the same transaction), and a write fenced off (a completion with a stranger's token)
+/// fails alone: the other writes of its batch commit. The batch is made by holding SQLite's
+/// write lock from another connection while the writes queue behind the writer's first one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_failed_write_does_not_fail_its_batch() {
+    const RACERS: usize = 32;
+    let ledger = common::sqlite_file_ledger().await;
+    let held = request("held", "body");
+    let Claim::Acquired(_) = ledger.claim(&held).await.expect("claim") else {
+        panic!("a fresh key is acquired")
+    };
+    let before = ledger.group_commits();
+    let mut lock = ledger.pool().acquire().await.expect("a connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *lock)
+        .await
+        .expect("take the write lock");
+    // The writer takes this one alone and waits for the lock in `BEGIN IMMEDIATE`.
+    let first = tokio::spawn({
+        let ledger = ledger.clone();
+        async move { ledger.claim(&request("first", "body")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // These queue behind it, and go in the next batch together.
+    let racers: Vec<_> = (0..RACERS)
+        .map(|_| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.claim(&request("raced", "body")).await })
+        })
+        .collect();
+    let fenced = tokio::spawn({
+        let (ledger, key) = (ledger.clone(), held.key);
+        async move {
+            let stranger = tower_idempotency_core::FencingToken::new();
+            ledger
+                .complete(&key, stranger, &sample_response(b"no"), LONG)
+                .await
+        }
+    });
+    let other = tokio::spawn({
+        let ledger = ledger.clone();
+        async move { ledger.claim(&request("other", "body")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut *lock)
+        .await
+        .expect("release the write lock");
+    drop(lock);
+
+    assert!(matches!(
+        first.await.expect("a task"),
+        Ok(Claim::Acquired(_))
+    ));
+    let mut won = 0;
+    for racer in racers {
+        match racer.await.expect("a task").expect("a racing claim") {
+            Claim::Acquired(_) => won += 1,
+            Claim::Existing(existing) => {
+                assert!(matches!(existing.state, RecordState::InProgress));
+            }
+        }
+    }
+    assert_eq!(won, 1, "one winner per key, within a batch too");
+    assert!(matches!(
+        fenced.await.expect("a task"),
+        Err(LedgerError::LeaseLost)
+    ));
+    assert!(matches!(
+        other.await.expect("a task"),
+        Ok(Claim::Acquired(_))
+    ));
+    // The first write alone, then everything else in one transaction.
+    assert_eq!(ledger.group_commits() - before, 2);
+    // What the batch wrote is there: the winner's lease, the other claim's.
+    assert!(matches!(
+        ledger.claim(&request("other", "body")).await,
+        Ok(Claim::Existing(_))
+    ));
+}
+
+async fn futures_join<T: Send + 'static>(
+    tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.expect("a task"));
+    }
+    out
+}

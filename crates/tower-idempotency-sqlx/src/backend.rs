@@ -6,7 +6,11 @@ use std::{fmt, time::Duration};
 use sqlx::{Database, Pool, SqlStr};
 use tower_idempotency_core::{Claim, ClaimRequest, LedgerError, LedgerKey};
 
-use crate::{SqlLedger, table::TableName};
+use crate::{
+    SqlLedger,
+    table::TableName,
+    writer::{Write, Written},
+};
 
 /// A database the ledger runs on: `sqlx::Sqlite` and `sqlx::Postgres`. It supplies the SQL, the
 /// claim and the wait; everything else is [`SqlLedger`]'s, written once.
@@ -21,9 +25,10 @@ pub trait Backend: Database {
     const SCHEMAS: bool;
     /// The shipped migrations, `(name, SQL)` in order.
     const MIGRATIONS: &'static [(&'static str, &'static str)];
-    /// Whether the database has one writer at a time (SQLite): then the ledger's own writes
-    /// queue for one turn in the process, first come first served, instead of each spinning in
-    /// the database's busy handler, whose sleeps grow to 100 ms and made the tail latency.
+    /// Whether the database has one writer at a time (SQLite): then the ledger's own writes go
+    /// through [`group_commit`](Self::group_commit), instead of each taking the write lock (and
+    /// spinning in the database's busy handler, whose sleeps grow to 100 ms) and paying its
+    /// own fsync.
     const ONE_WRITER: bool = false;
 
     /// What the backend keeps beside the shared statements (shared by a ledger's clones).
@@ -54,6 +59,16 @@ pub trait Backend: Database {
     ) -> impl Future<Output = Result<Option<Claim>, LedgerError>> + Send {
         let _ = (ledger, request);
         async { Ok(None) }
+    }
+
+    /// One of the ledger's writes, queued for the backend's group commit (see `writer.rs`);
+    /// called only if [`ONE_WRITER`](Self::ONE_WRITER).
+    fn group_commit(
+        ledger: &SqlLedger<Self>,
+        write: Write<Self>,
+    ) -> impl Future<Output = Result<Written<Self>, LedgerError>> + Send {
+        let _ = (ledger, write);
+        async { Err(LedgerError::backend("this database has no group commit")) }
     }
 
     /// The outcome of one run of the `claim` statement, from the row it returned: `None` if it

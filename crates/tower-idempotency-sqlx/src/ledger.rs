@@ -17,14 +17,11 @@ use crate::{
     backend::{Backend, Statements},
     row,
     table::TableName,
+    writer::{Write, Written},
 };
 
 /// How often a claim runs again when the record it lost to changed before it could be reported.
 const CLAIM_ATTEMPTS: usize = 8;
-
-/// How long a write waits for its turn on a one-writer database before it fails: as long as
-/// SQLite's own busy timeout.
-const WRITE_TURN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A ledger in a SQL table: [`SqliteLedger`](crate::SqliteLedger) or
 /// [`PostgresLedger`](crate::PostgresLedger), whose docs describe each. Cloning is cheap and
@@ -34,8 +31,6 @@ pub struct SqlLedger<DB: Backend> {
     pub(crate) table: TableName,
     pub(crate) sql: Arc<Statements>,
     pub(crate) extra: Arc<DB::Extra>,
-    /// One turn to write, on a one-writer database ([`Backend::ONE_WRITER`]).
-    writer: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl<DB: Backend> Clone for SqlLedger<DB> {
@@ -45,7 +40,6 @@ impl<DB: Backend> Clone for SqlLedger<DB> {
             table: self.table.clone(),
             sql: self.sql.clone(),
             extra: self.extra.clone(),
-            writer: self.writer.clone(),
         }
     }
 }
@@ -73,23 +67,6 @@ impl<DB: Backend> SqlLedger<DB> {
             table,
             sql: Arc::new(sql),
             extra: Arc::new(extra),
-            writer: DB::ONE_WRITER.then(|| Arc::new(tokio::sync::Semaphore::new(1))),
-        }
-    }
-
-    /// Waits for this process's turn to write on a one-writer database (a tokio semaphore is
-    /// first come, first served), at most [`WRITE_TURN_TIMEOUT`]; elsewhere, at once.
-    async fn write_turn(&self) -> Result<Option<tokio::sync::SemaphorePermit<'_>>, LedgerError> {
-        let Some(writer) = &self.writer else {
-            return Ok(None);
-        };
-        match tokio::time::timeout(WRITE_TURN_TIMEOUT, writer.acquire()).await {
-            Ok(Ok(permit)) => Ok(Some(permit)),
-            Ok(Err(closed)) => Err(LedgerError::backend(closed)),
-            Err(_) => Err(LedgerError::backend(format!(
-                "no turn to write on the {} ledger within {WRITE_TURN_TIMEOUT:?}",
-                DB::KIND
-            ))),
         }
     }
 
@@ -167,6 +144,16 @@ where
             .bind(row::millis(request.retention))
     }
 
+    /// Runs one of the ledger's writes: through the backend's group commit on a one-writer
+    /// database ([`Backend::ONE_WRITER`]), on the pool elsewhere.
+    async fn write(&self, write: Write<DB>) -> Result<Written<DB>, LedgerError> {
+        if DB::ONE_WRITER {
+            DB::group_commit(self, write).await
+        } else {
+            write.run(&self.pool).await.map_err(row::error)
+        }
+    }
+
     /// The token that `sql` (`held`, or a statement like it) returns for `key`.
     pub(crate) async fn token_from(
         &self,
@@ -208,7 +195,27 @@ where
         }
     }
 
-    /// The fenced completion, on the pool or inside a transaction.
+    /// The fenced completion with its values bound.
+    fn complete_query(
+        &self,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Query<'static, DB, DB::Arguments> {
+        // Status codes are 100..=999, so they fit a smallint.
+        let status = response.status.as_u16() as i16;
+        sqlx::query(self.sql.complete.clone())
+            .bind(&key.as_bytes()[..])
+            .bind(token.as_uuid())
+            .bind(status)
+            .bind(StoredResponse::encode_headers(&response.headers))
+            .bind(&response.body[..])
+            .bind(response.body_omitted)
+            .bind(row::millis(retention))
+    }
+
+    /// The fenced completion inside the handler's transaction.
     pub(crate) async fn complete_on<'e, E>(
         &self,
         executor: E,
@@ -220,16 +227,8 @@ where
     where
         E: Executor<'e, Database = DB>,
     {
-        // Status codes are 100..=999, so they fit a smallint.
-        let status = response.status.as_u16() as i16;
-        let done = sqlx::query(self.sql.complete.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(token.as_uuid())
-            .bind(status)
-            .bind(StoredResponse::encode_headers(&response.headers))
-            .bind(&response.body[..])
-            .bind(response.body_omitted)
-            .bind(row::millis(retention))
+        let done = self
+            .complete_query(key, token, response, retention)
             .execute(executor)
             .await
             .map_err(row::error)?;
@@ -259,13 +258,11 @@ where
         if let Some(live) = DB::live_record(self, request).await? {
             return Ok(live);
         }
-        let _turn = self.write_turn().await?;
         for _ in 0..CLAIM_ATTEMPTS {
             let found = self
-                .claim_query(request)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(row::error)?;
+                .write(Write::fetch(self.claim_query(request)))
+                .await?
+                .row();
             if let Some(claim) = DB::claimed(self, request, found).await? {
                 return Ok(claim);
             }
@@ -282,20 +279,15 @@ where
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<(), LedgerError> {
-        let _turn = self.write_turn().await?;
-        self.complete_on(&self.pool, key, token, response, retention)
-            .await
+        let complete = self.complete_query(key, token, response, retention);
+        row::fenced(self.write(Write::execute(complete)).await?.rows())
     }
 
     async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {
-        let _turn = self.write_turn().await?;
-        let done = sqlx::query(self.sql.release.clone())
+        let release = sqlx::query(self.sql.release.clone())
             .bind(&key.as_bytes()[..])
-            .bind(token.as_uuid())
-            .execute(&self.pool)
-            .await
-            .map_err(row::error)?;
-        row::fenced(DB::rows_affected(&done))
+            .bind(token.as_uuid());
+        row::fenced(self.write(Write::execute(release)).await?.rows())
     }
 
     async fn renew(
@@ -304,15 +296,11 @@ where
         token: FencingToken,
         lease: Duration,
     ) -> Result<(), LedgerError> {
-        let _turn = self.write_turn().await?;
-        let done = sqlx::query(self.sql.renew.clone())
+        let renew = sqlx::query(self.sql.renew.clone())
             .bind(&key.as_bytes()[..])
             .bind(token.as_uuid())
-            .bind(row::millis(lease))
-            .execute(&self.pool)
-            .await
-            .map_err(row::error)?;
-        row::fenced(DB::rows_affected(&done))
+            .bind(row::millis(lease));
+        row::fenced(self.write(Write::execute(renew)).await?.rows())
     }
 
     async fn operation(
@@ -343,14 +331,9 @@ where
         let limit = i64::try_from(batch).unwrap_or(i64::MAX);
         let mut purged = 0;
         loop {
-            // A turn per batch, so that claims get theirs in between.
-            let _turn = self.write_turn().await?;
-            let done = sqlx::query(self.sql.purge.clone())
-                .bind(limit)
-                .execute(&self.pool)
-                .await
-                .map_err(row::error)?;
-            let deleted = DB::rows_affected(&done);
+            // One write per batch of records, so that claims get their turns in between.
+            let purge = sqlx::query(self.sql.purge.clone()).bind(limit);
+            let deleted = self.write(Write::execute(purge)).await?.rows();
             purged += deleted;
             if deleted < batch as u64 {
                 return Ok(purged);
@@ -394,11 +377,8 @@ where
     }
 
     async fn evict(&self, key: &LedgerKey) -> Result<bool, LedgerError> {
-        let done = sqlx::query(self.sql.evict.clone())
-            .bind(&key.as_bytes()[..])
-            .execute(&self.pool)
-            .await
-            .map_err(row::error)?;
-        Ok(DB::rows_affected(&done) > 0)
+        // A write like the others: on SQLite it takes its place in the writer's queue.
+        let evict = sqlx::query(self.sql.evict.clone()).bind(&key.as_bytes()[..]);
+        Ok(self.write(Write::execute(evict)).await?.rows() > 0)
     }
 }

@@ -86,6 +86,8 @@ mod row;
 mod table;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod tx;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod writer;
 
 #[cfg(feature = "postgres")]
 mod listener;
