@@ -148,6 +148,8 @@ enum Cleanup {
     Table(PostgresLedger),
     /// ruts' session table, on its own sqlx 0.8 pool.
     PeerTable(sqlx08::PgPool, String),
+    /// The run's keys on Redis: (URL, key prefix).
+    Redis(String, String),
 }
 
 /// The servers run on a runtime of their own (two workers named `bench-server`), apart from the
@@ -299,8 +301,8 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
                 .connect(url.as_str())
                 .await
                 .expect("connect to Redis");
-            // Records expire with the layer's retention; the prefix keeps runs apart.
-            (layered(ledger), None, Cleanup::None)
+            // The prefix keeps runs apart; the run's keys are deleted when it stops.
+            (layered(ledger), None, Cleanup::Redis(url, format!("bench:{run}:")))
         }
         Variant::AxumIdempotentPostgres => {
             use axum_idempotent::{IdempotentLayer, IdempotentOptions};
@@ -406,6 +408,26 @@ impl Server {
                 let drop = format!("DROP TABLE IF EXISTS \"{table}\"");
                 let _ = sqlx08::raw_sql(&drop).execute(&pool).await;
                 pool.close().await;
+            }
+            Cleanup::Redis(url, prefix) => {
+                use tower_idempotency_redis::redis::{self, AsyncCommands};
+                let Ok(client) = redis::Client::open(url.as_str()) else {
+                    return;
+                };
+                let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+                    return;
+                };
+                let mut keys: Vec<String> = Vec::new();
+                if let Ok(mut iter) = con.scan_match::<_, String>(format!("{prefix}*")).await {
+                    while let Some(key) = iter.next_item().await {
+                        if let Ok(key) = key {
+                            keys.push(key);
+                        }
+                    }
+                }
+                for chunk in keys.chunks(1000) {
+                    let _: Result<(), _> = con.del(chunk).await;
+                }
             }
         }
     }

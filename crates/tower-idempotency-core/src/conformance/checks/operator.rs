@@ -114,7 +114,9 @@ pub async fn stuck_lists_lapsed_claims<L: Ledger>(ledger: L) {
         eprintln!("{}: `stuck` is not supported; skipped", ledger.name());
         return;
     }
-    let short = Duration::from_millis(200);
+    // Long enough that the first `stuck` below runs before any lapses, even on a ledger whose
+    // `stuck` scans (Redis) on a busy machine.
+    let short = Duration::from_millis(1500);
     let first = request("stuck-1", "scope", "body", short, LONG);
     let second = request("stuck-2", "scope", "body", short, LONG);
     let live = long("stuck-live");
@@ -136,7 +138,7 @@ pub async fn stuck_lists_lapsed_claims<L: Ledger>(ledger: L) {
             .is_empty(),
         "no lease has lapsed yet"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1700)).await;
 
     let stuck = ledger.stuck(Duration::ZERO, 10).await.expect("stuck");
     let keys: Vec<_> = stuck.iter().map(|info| info.key).collect();
