@@ -23,6 +23,7 @@ mod inspect;
 mod key;
 mod ledger;
 mod memory;
+pub mod notify;
 mod record;
 
 #[cfg(feature = "conformance")]

@@ -14,7 +14,7 @@ use crate::{
     SqlLedger,
     backend::{Backend, Statements, statement},
     ledger::acquired,
-    listener::Notifier,
+    listener::{self, Notifier},
     row::{self, COMPLETED, IN_PROGRESS},
     table::TableName,
 };
@@ -236,7 +236,7 @@ impl Backend for Postgres {
             "UPDATE {t} SET watched = true WHERE key = $1 AND state = '{IN_PROGRESS}' \
              AND expires_at > now() AND lease_until > now() RETURNING token"
         ));
-        let notifier = Notifier::new(pool, channel);
+        let notifier = listener::notifier(pool, channel);
         (statements, Listening { watch, notifier })
     }
 
@@ -285,7 +285,7 @@ impl Backend for Postgres {
         if !notifier.listening(deadline).await {
             return ledger.poll(key, deadline).await;
         }
-        let mut waiter = notifier.waiter(key);
+        let mut waiter = notifier.waiter(key.as_bytes());
         // `held`, marking the record watched, so that its completion or release notifies the
         // channel; only now that `LISTEN` is in effect.
         let Ok(Some(first)) = ledger.token_from(ledger.extra.watch.clone(), key).await else {

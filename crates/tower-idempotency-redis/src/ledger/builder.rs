@@ -10,7 +10,7 @@ use super::{
     Inner, RedisLedger,
     connection::{Connection, bounded},
 };
-use crate::{ConfigError, notifier::Notifier};
+use crate::{ConfigError, notifier};
 
 /// The key prefix used unless [`with_prefix`](RedisLedgerBuilder::with_prefix) says otherwise.
 pub const DEFAULT_PREFIX: &str = "idempotency:";
@@ -165,7 +165,7 @@ impl RedisLedgerBuilder {
                 cluster,
                 call_timeout: self.response_timeout * 3,
                 wait_replicas: self.wait_replicas,
-                notifier: Notifier::new(clients, channel),
+                notifier: notifier::notifier(clients, channel),
                 prefix: self.prefix,
             }),
         }
