@@ -13,20 +13,17 @@
 
 #![allow(clippy::unwrap_used)] // tests may panic
 
-use std::{process::Stdio, time::Duration};
+mod common;
+
+use common::{PATIENCE, Process};
+use std::time::Duration;
 
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
-};
 use tower_idempotency_sqlx::sqlx;
 
 /// The dead process's lease: retries within it must be refused.
 const LEASE_MS: &str = "1500";
-/// A guard against hangs, not a timing under test.
-const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Where the killed and the restarted service keep the ledger and the payments.
 struct Db {
@@ -124,76 +121,43 @@ fn in_progress(mode: Mode) -> StatusCode {
     }
 }
 
-/// A running `payment-service serve`.
-struct Service {
-    child: Child,
-    base: String,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Service {
-    async fn start(db: &Db, mode: Mode, latency_ms: u64, pause_after_write: bool) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_payment-service"));
-        command
-            .args(["serve", "--addr", "127.0.0.1:0", "--lease-ms", LEASE_MS])
-            .args(["--database-url", &db.url])
-            .args(["--latency-ms", &latency_ms.to_string()])
-            // The processor (in-process, on its own file shared with the restarted service):
-            // the killed one leaves its claim of the charge key behind, which must lapse before
-            // the service's own (LEASE_MS), so the retry is not told the processor is busy.
-            .args(["--processor-database-url", &processor_url(db)])
-            .args(["--processor-lease-ms", "600"])
-            .args(["--exactly-once", &mode.exactly_once.to_string()])
-            .args([
-                "--in-progress",
-                if mode.accepted {
-                    "accepted"
-                } else {
-                    "conflict"
-                },
-            ])
-            .env_remove("PAYMENT_SERVICE_PAUSE_AFTER_WRITE")
-            .env_remove("PAYMENT_SERVICE_LEDGER_TABLE")
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if let Some(table) = &db.ledger_table {
-            command.args(["--ledger-table", table]);
-        }
-        if pause_after_write {
-            command.arg("--pause-after-write");
-        }
-        let mut child = command.spawn().expect("start payment-service");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(PATIENCE, stdout.next_line())
-            .await
-            .expect("payment-service did not start listening")
-            .unwrap()
-            .expect("payment-service exited before listening");
-        let addr = line
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("not a listening line: {line:?}"));
-        Self {
-            base: format!("http://{addr}"),
-            child,
-            stdout,
-        }
+/// Starts `payment-service serve` on `db` in `mode`.
+async fn start(db: &Db, mode: Mode, latency_ms: u64, pause_after_write: bool) -> Process {
+    let latency = latency_ms.to_string();
+    let processor = processor_url(db);
+    let mut command = Process::command(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--lease-ms",
+        LEASE_MS,
+        "--database-url",
+        &db.url,
+        "--latency-ms",
+        &latency,
+        // The processor (in-process, on its own file shared with the restarted service): the
+        // killed one leaves its claim of the charge key behind, which must lapse before the
+        // service's own (LEASE_MS), so the retry is not told the processor is busy.
+        "--processor-database-url",
+        &processor,
+        "--processor-lease-ms",
+        "600",
+        "--exactly-once",
+        if mode.exactly_once { "true" } else { "false" },
+        "--in-progress",
+        if mode.accepted {
+            "accepted"
+        } else {
+            "conflict"
+        },
+    ]);
+    if let Some(table) = &db.ledger_table {
+        command.args(["--ledger-table", table]);
     }
-
-    async fn next_line(&mut self) -> Option<String> {
-        tokio::time::timeout(PATIENCE, self.stdout.next_line())
-            .await
-            .expect("payment-service said nothing")
-            .unwrap()
+    if pause_after_write {
+        command.arg("--pause-after-write");
     }
-
-    /// SIGKILL: no destructor runs, no transaction is rolled back by the process itself.
-    async fn kill(mut self) {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
-    }
+    Process::spawn(command).await
 }
 
 fn processor_url(db: &Db) -> String {
@@ -280,7 +244,7 @@ async fn crash_once(db: &Db, mode: Mode, point: KillPoint, key: &str, customer: 
         KillPoint::InProcessorCall => (600_000, false),
         KillPoint::AfterWrite => (0, true),
     };
-    let mut doomed = Service::start(db, mode, latency, pause).await;
+    let mut doomed = start(db, mode, latency, pause).await;
     let first = tokio::spawn({
         let (client, base) = (client.clone(), doomed.base.clone());
         let (key, customer) = (key.to_owned(), customer.to_owned());
@@ -322,7 +286,7 @@ async fn crash_once(db: &Db, mode: Mode, point: KillPoint, key: &str, customer: 
         Ok(answer) => assert_eq!(answer.status, in_progress(mode)),
     }
 
-    let restarted = Service::start(db, mode, 0, false).await;
+    let restarted = start(db, mode, 0, false).await;
     let mut statuses = Vec::new();
     let answer = loop {
         let answer = pay(&client, &restarted.base, key, customer).await.unwrap();

@@ -5,7 +5,10 @@
 
 #![allow(clippy::unwrap_used)] // tests may panic
 
-use std::{process::Stdio, time::Duration};
+mod common;
+
+use common::{PATIENCE, Process};
+use std::time::Duration;
 
 use axum::{
     Router,
@@ -19,10 +22,6 @@ use payment_service::{
 };
 use reqwest::Client;
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
-};
 use tower::ServiceExt;
 
 const GOOD: &str = r#"{"amount":1234,"currency":"EUR","customer":"alice"}"#;
@@ -217,8 +216,6 @@ async fn a_declined_card_is_a_stored_402() {
 
 // The crash tests: real processes, killed with SIGKILL.
 
-/// A guard against hangs, not a timing under test.
-const PATIENCE: Duration = Duration::from_secs(20);
 const TOKEN: &str = "tok_downstream_crash";
 
 struct TempFiles(Vec<std::path::PathBuf>);
@@ -244,56 +241,6 @@ impl Drop for TempFiles {
                 let _ = std::fs::remove_file(path);
             }
         }
-    }
-}
-
-/// A running `payment-service serve` or `payment-service processor`.
-struct Process {
-    child: Child,
-    base: String,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Process {
-    async fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_payment-service"))
-            .args(args)
-            .env("RUST_LOG", "error")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start payment-service");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(PATIENCE, stdout.next_line())
-            .await
-            .expect("payment-service did not start listening")
-            .unwrap()
-            .expect("payment-service exited before listening");
-        let addr = line
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("not a listening line: {line:?}"));
-        Self {
-            base: format!("http://{addr}"),
-            child,
-            stdout,
-        }
-    }
-
-    async fn expect_line(&mut self, expected: &str) {
-        let line = tokio::time::timeout(PATIENCE, self.stdout.next_line())
-            .await
-            .unwrap_or_else(|_| panic!("no {expected} line"))
-            .unwrap();
-        assert_eq!(line.as_deref(), Some(expected));
-    }
-
-    /// SIGKILL, by this child's pid.
-    async fn kill(mut self) {
-        self.child.start_kill().unwrap();
-        self.child.wait().await.unwrap();
     }
 }
 
@@ -381,7 +328,10 @@ async fn killing_the_service_between_the_charge_and_the_insert_charges_once() {
     for round in 0..3 {
         let (key, customer) = (format!("{run}-svc-{round}"), format!("{run}-svc-{round}"));
         let args = serve(true);
-        let mut doomed = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let mut doomed = Process::spawn(Process::command(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+        .await;
         let first = tokio::spawn({
             let (client, base, key, customer) = (
                 client.clone(),
@@ -391,7 +341,7 @@ async fn killing_the_service_between_the_charge_and_the_insert_charges_once() {
             );
             async move { pay(&client, &base, &key, &customer).await }
         });
-        doomed.expect_line("CHARGED").await;
+        assert_eq!(doomed.next_line().await.as_deref(), Some("CHARGED"));
         doomed.kill().await;
         assert!(
             first.await.unwrap().is_err(),
@@ -399,7 +349,10 @@ async fn killing_the_service_between_the_charge_and_the_insert_charges_once() {
         );
 
         let args = serve(false);
-        let restarted = Process::start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+        let restarted = Process::spawn(Process::command(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+        .await;
         let (statuses, payments, charges) = settle(&client, &restarted.base, &key, &customer).await;
         restarted.kill().await;
         assert_eq!((payments, charges), (1, 1), "round {round}: {statuses:?}");
@@ -416,7 +369,7 @@ async fn killing_the_processor_after_charging_charges_once() {
     let client = Client::builder().timeout(PATIENCE).build().unwrap();
     let run = &uuid::Uuid::new_v4().simple().to_string()[..8];
 
-    let mut processor = Process::start(&[
+    let mut processor = Process::spawn(Process::command(&[
         "processor",
         "--addr",
         "127.0.0.1:0",
@@ -425,10 +378,10 @@ async fn killing_the_processor_after_charging_charges_once() {
         "--database-url",
         &processor_db,
         "--pause-after-charge",
-    ])
+    ]))
     .await;
     let addr = processor.base.trim_start_matches("http://").to_owned();
-    let service = Process::start(&[
+    let service = Process::spawn(Process::command(&[
         "serve",
         "--addr",
         "127.0.0.1:0",
@@ -436,7 +389,7 @@ async fn killing_the_processor_after_charging_charges_once() {
         &service_db,
         "--processor-url",
         &processor.base,
-    ])
+    ]))
     .await;
     let mut rounds = Vec::new();
     for round in 0..3 {
@@ -450,7 +403,7 @@ async fn killing_the_processor_after_charging_charges_once() {
             );
             async move { pay(&client, &base, &key, &customer).await }
         });
-        processor.expect_line("CHARGED").await;
+        assert_eq!(processor.next_line().await.as_deref(), Some("CHARGED"));
         processor.kill().await;
         let (status, problem) = first.await.unwrap().unwrap();
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{problem}");
@@ -464,7 +417,7 @@ async fn killing_the_processor_after_charging_charges_once() {
 
         // Back on the same address and database; the hook stays on for the next round, and a
         // replay does not pause (it charges nothing).
-        processor = Process::start(&[
+        processor = Process::spawn(Process::command(&[
             "processor",
             "--addr",
             &addr,
@@ -473,7 +426,7 @@ async fn killing_the_processor_after_charging_charges_once() {
             "--database-url",
             &processor_db,
             "--pause-after-charge",
-        ])
+        ]))
         .await;
         let (statuses, payments, charges) = settle(&client, &service.base, &key, &customer).await;
         assert_eq!((payments, charges), (1, 1), "round {round}: {statuses:?}");

@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // tests may panic
 
+mod common;
+
+use common::{PATIENCE, Process};
 use std::{
     path::PathBuf,
     process::Stdio,
@@ -12,13 +15,8 @@ use std::{
 
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncBufReadExt, BufReader, Lines},
-    process::{Child, ChildStdout, Command},
-};
+use tokio::process::Command;
 
-/// A guard against hangs, not a timing under test.
-const PATIENCE: Duration = Duration::from_secs(30);
 const TOKEN: &str = "tok_ledger_cli_test";
 
 /// The service's and its processor's SQLite files, removed on drop.
@@ -59,66 +57,29 @@ impl Drop for Files {
     }
 }
 
-/// A running `payment-service serve`, killed (by its pid, SIGKILL) when dropped.
-struct Service {
-    child: Child,
-    base: String,
-    stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Service {
-    async fn start(files: &Files, lease_ms: u64, hook: Option<&str>) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_payment-service"));
-        command
-            .args(["serve", "--addr", "127.0.0.1:0"])
-            .args(["--lease-ms", &lease_ms.to_string()])
-            .args(["--database-url", &files.database_url()])
-            .args(["--processor-database-url", &Files::url(&files.processor)])
-            .args(["--processor-lease-ms", "150", "--latency-ms", "0"])
-            .env_remove("PAYMENT_SERVICE_LEDGER_URL")
-            .env_remove("PAYMENT_SERVICE_LEDGER_TABLE")
-            .env_remove("PAYMENT_SERVICE_PAUSE_AFTER_WRITE")
-            .env_remove("PAYMENT_SERVICE_PAUSE_AFTER_CHARGE")
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
-        if let Some(hook) = hook {
-            command.arg(hook);
-        }
-        let mut child = command.spawn().expect("start payment-service");
-        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-        let line = tokio::time::timeout(PATIENCE, stdout.next_line())
-            .await
-            .expect("payment-service did not start listening")
-            .unwrap()
-            .expect("payment-service exited before listening");
-        let addr = line
-            .strip_prefix("listening on http://")
-            .unwrap_or_else(|| panic!("not a listening line: {line:?}"));
-        Self {
-            base: format!("http://{addr}"),
-            child,
-            stdout,
-        }
+/// Starts `payment-service serve` on `files`, with `hook` (a hidden test flag) if any.
+async fn start(files: &Files, lease_ms: u64, hook: Option<&str>) -> Process {
+    let lease = lease_ms.to_string();
+    let (database, processor) = (files.database_url(), Files::url(&files.processor));
+    let mut command = Process::command(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--lease-ms",
+        &lease,
+        "--database-url",
+        &database,
+        "--processor-database-url",
+        &processor,
+        "--processor-lease-ms",
+        "150",
+        "--latency-ms",
+        "0",
+    ]);
+    if let Some(hook) = hook {
+        command.arg(hook);
     }
-
-    async fn next_line(&mut self) -> Option<String> {
-        tokio::time::timeout(PATIENCE, self.stdout.next_line())
-            .await
-            .expect("payment-service said nothing")
-            .unwrap()
-    }
-
-    /// SIGKILL: the process leaves its claim behind.
-    async fn kill(mut self) {
-        self.child.start_kill().unwrap();
-        tokio::time::timeout(PATIENCE, self.child.wait())
-            .await
-            .expect("payment-service did not die")
-            .unwrap();
-    }
+    Process::spawn(command).await
 }
 
 /// What one `payment-service ledger ...` run gave.
@@ -192,7 +153,7 @@ fn client() -> Client {
 #[tokio::test]
 async fn inspect_finds_a_key_just_paid() {
     let files = Files::new();
-    let service = Service::start(&files, 30_000, None).await;
+    let service = start(&files, 30_000, None).await;
     let paid = pay(&client(), &service.base, "cli-paid-1", "cli-alice", 1234).await;
     assert_eq!(paid.status, StatusCode::CREATED, "{}", paid.body);
 
@@ -257,7 +218,7 @@ async fn release_frees_a_claim_stuck_by_a_killed_instance_and_the_retry_runs_onc
     let files = Files::new();
     let client = client();
     let key = "cli-stuck-1";
-    let mut doomed = Service::start(&files, 500, Some("--pause-after-write")).await;
+    let mut doomed = start(&files, 500, Some("--pause-after-write")).await;
     let first = tokio::spawn({
         let (client, base) = (client.clone(), doomed.base.clone());
         async move {
@@ -315,7 +276,7 @@ async fn release_frees_a_claim_stuck_by_a_killed_instance_and_the_retry_runs_onc
     assert_eq!(none.json(), json!([]));
 
     // The retry runs once (201, not a replay); the one after is its replay; one payment.
-    let restarted = Service::start(&files, 30_000, None).await;
+    let restarted = start(&files, 30_000, None).await;
     let retry = pay(&client, &restarted.base, key, "cli-bob", 1234).await;
     assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.body);
     assert!(!retry.replayed);
@@ -347,7 +308,7 @@ async fn release_frees_a_claim_stuck_by_a_killed_instance_and_the_retry_runs_onc
 async fn evict_of_a_stored_402_makes_the_retry_run_again() {
     let files = Files::new();
     let client = client();
-    let service = Service::start(&files, 30_000, None).await;
+    let service = start(&files, 30_000, None).await;
     let key = "cli-declined-1";
     let declined = pay(&client, &service.base, key, "cli-carol", 2_000_000).await;
     assert_eq!(
