@@ -84,8 +84,12 @@ impl Processor {
             (StatusCode::UNPROCESSABLE_ENTITY, _) => Err(Problem::idempotency(
                 tower_idempotency::problem::RejectionKind::KeyReused,
                 "an earlier attempt with this Idempotency-Key reached the processor with a \
-                 different payment; send this payment with a new key",
-            )),
+                 different payment; send this payment with a new key, or send the earlier \
+                 payment again with this key to finish it",
+            )
+            // Nothing was charged now, and the key must stay free: the earlier payment, charged
+            // but not recorded, is finished by sending it again with this key.
+            .not_stored()),
             (StatusCode::CONFLICT, _) => Err(Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "processor-busy",

@@ -108,7 +108,7 @@ async fn a_failing_insert_retried_three_times_charges_once() {
 /// released (the insert failed), reused with a different payment, sends the processor the same
 /// charge key with another body. The processor refuses it (422); the client is told its key
 /// belongs to another payment (422 `key-reused`), not that the processor failed (502), and
-/// nothing more is charged.
+/// nothing more is charged; the earlier payment can still be finished with its key.
 #[tokio::test]
 async fn a_released_key_reused_for_another_payment_is_422_not_502() {
     let database = Database::connect("sqlite::memory:", None).await.unwrap();
@@ -136,6 +136,15 @@ async fn a_released_key_reused_for_another_payment_is_422_not_502() {
         "{body}"
     );
     assert_eq!(counts(&app, "alice").await, (0, 1), "no second charge");
+    // The 422 is not stored: the earlier payment, charged but never recorded, is finished by
+    // sending it again with its key (the processor replays its charge).
+    let (status, replayed, body) = send(&app, post("k-reuse", "application/json", GOOD)).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{body}");
+    assert_eq!(
+        counts(&app, "alice").await,
+        (1, 1),
+        "one payment, one charge"
+    );
 }
 
 #[tokio::test]
