@@ -194,17 +194,7 @@ impl<L: Ledger> Ledger for CachedLedger<L> {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
-        // Taken before the inner call: a deadline counted from here is never later than the
-        // ledger's own expiry, which it counted from the moment it answered.
-        let now = Instant::now();
-        if let Some(existing) = self.cache.get(&request.key, now) {
-            return Ok(Claim::Existing(existing));
-        }
-        let claim = self.inner.claim(request).await?;
-        if let Claim::Existing(existing) = &claim {
-            self.cache.insert(request.key, existing, now);
-        }
-        Ok(claim)
+        self.claim_with(request, |inner| inner.claim(request)).await
     }
 
     fn complete(
@@ -293,8 +283,38 @@ impl<L: Ledger> Ledger for CachedLedger<L> {
     }
 }
 
+impl<L: Ledger> CachedLedger<L> {
+    /// A claim answered from the cache, or by `claim` on the inner ledger (and then cached if
+    /// the key is taken).
+    async fn claim_with<'a, F>(
+        &'a self,
+        request: &ClaimRequest,
+        claim: impl FnOnce(&'a L) -> F,
+    ) -> Result<Claim, LedgerError>
+    where
+        F: Future<Output = Result<Claim, LedgerError>>,
+    {
+        // Taken before the inner call: a deadline counted from here is never later than the
+        // ledger's own expiry, which it counted from the moment it answered.
+        let now = Instant::now();
+        if let Some(existing) = self.cache.get(&request.key, now) {
+            return Ok(Claim::Existing(existing));
+        }
+        let claim = claim(&self.inner).await?;
+        if let Claim::Existing(existing) = &claim {
+            self.cache.insert(request.key, existing, now);
+        }
+        Ok(claim)
+    }
+}
+
 impl<L: TransactionalLedger> TransactionalLedger for CachedLedger<L> {
     type Transaction = L::Transaction;
+
+    async fn claim_before_transaction(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
+        self.claim_with(request, |inner| inner.claim_before_transaction(request))
+            .await
+    }
 
     fn begin(&self) -> impl Future<Output = Result<Self::Transaction, LedgerError>> + Send {
         self.inner.begin()

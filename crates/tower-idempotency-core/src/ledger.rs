@@ -353,6 +353,22 @@ pub trait TransactionalLedger: Ledger + Clone {
     /// The transaction handed to the handler, such as `sqlx::Transaction<'static, Postgres>`.
     type Transaction: Send + 'static;
 
+    /// The claim the layer makes in exactly-once mode, before it calls [`begin`](Self::begin).
+    /// Same contract as [`claim`](Ledger::claim), which is the default.
+    ///
+    /// A ledger whose database makes a commit durable together with everything committed
+    /// before it (one sequential log, such as PostgreSQL's WAL) may answer before the claim is
+    /// itself durable: nothing the handler writes can commit without making the claim durable
+    /// first, and a claim lost in a crash of the database took nothing committed with it, so
+    /// the retry runs once. PostgreSQL's ledger does this (the claim commits with
+    /// `synchronous_commit = off`), saving a request one wait for a log flush.
+    fn claim_before_transaction(
+        &self,
+        request: &ClaimRequest,
+    ) -> impl Future<Output = Result<Claim, LedgerError>> + Send {
+        self.claim(request)
+    }
+
     /// Opens a transaction in the ledger's database.
     fn begin(&self) -> impl Future<Output = Result<Self::Transaction, LedgerError>> + Send;
 

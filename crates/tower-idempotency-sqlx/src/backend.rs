@@ -90,7 +90,7 @@ pub trait Backend: Database {
 /// The statements every backend has, prepared for one table. The parameters are the same in both
 /// databases, and so is the binding code ([`SqlLedger`]'s):
 ///
-/// - `claim`: `1` key, `2` scope, `3` fingerprint, `4` operation id, `5` token, `6` lease and `7`
+/// - `claim` and `claim_before_transaction`: `1` key, `2` scope, `3` fingerprint, `4` operation id, `5` token, `6` lease and `7`
 ///   retention in milliseconds; returns `operation_id` (and on PostgreSQL `won` and the record
 ///   it lost to).
 /// - `complete`: `1` key, `2` token, `3` status, `4` headers, `5` body, `6` body omitted, `7`
@@ -107,6 +107,9 @@ pub trait Backend: Database {
 pub struct Statements {
     /// Insert, replace an expired record, take over an expired lease, or write nothing.
     pub claim: SqlStr,
+    /// `claim`, in exactly-once mode: on PostgreSQL its commit does not wait for its WAL flush
+    /// (the handler's commit makes it durable); elsewhere the same as `claim`.
+    pub claim_before_transaction: SqlStr,
     /// The fenced completion.
     pub complete: SqlStr,
     /// The fenced release.

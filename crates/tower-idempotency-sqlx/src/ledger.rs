@@ -132,9 +132,14 @@ where
     for<'a> String: Decode<'a, DB> + Type<DB>,
     for<'a> &'a str: ColumnIndex<DB::Row>,
 {
-    /// The claim statement with the request bound, as every backend binds it.
-    fn claim_query(&self, request: &ClaimRequest) -> Query<'static, DB, DB::Arguments> {
-        sqlx::query(self.sql.claim.clone())
+    /// A claim statement (`claim` or `claim_before_transaction`) with the request bound, as
+    /// every backend binds it.
+    fn claim_query(
+        &self,
+        sql: &SqlStr,
+        request: &ClaimRequest,
+    ) -> Query<'static, DB, DB::Arguments> {
+        sqlx::query(sql.clone())
             .bind(&request.key.as_bytes()[..])
             .bind(&request.scope.as_bytes()[..])
             .bind(&request.fingerprint.as_bytes()[..])
@@ -193,6 +198,29 @@ where
                 _ => return,
             }
         }
+    }
+
+    /// A claim by `sql` (`claim` or `claim_before_transaction`).
+    pub(crate) async fn claim_with(
+        &self,
+        sql: &SqlStr,
+        request: &ClaimRequest,
+    ) -> Result<Claim, LedgerError> {
+        if let Some(live) = DB::live_record(self, request).await? {
+            return Ok(live);
+        }
+        for _ in 0..CLAIM_ATTEMPTS {
+            let found = self
+                .write(Write::fetch(self.claim_query(sql, request)))
+                .await?
+                .row();
+            if let Some(claim) = DB::claimed(self, request, found).await? {
+                return Ok(claim);
+            }
+        }
+        Err(LedgerError::backend(
+            "the record kept changing while it was claimed",
+        ))
     }
 
     /// The fenced completion with its values bound.
@@ -255,21 +283,7 @@ where
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
-        if let Some(live) = DB::live_record(self, request).await? {
-            return Ok(live);
-        }
-        for _ in 0..CLAIM_ATTEMPTS {
-            let found = self
-                .write(Write::fetch(self.claim_query(request)))
-                .await?
-                .row();
-            if let Some(claim) = DB::claimed(self, request, found).await? {
-                return Ok(claim);
-            }
-        }
-        Err(LedgerError::backend(
-            "the record kept changing while it was claimed",
-        ))
+        self.claim_with(&self.sql.claim, request).await
     }
 
     async fn complete(

@@ -44,6 +44,12 @@ use crate::{
 /// is kept for `retention` from then, not from the commit. The fencing does not depend on it: it
 /// is the token that must still match.
 ///
+/// In this mode the claim commits with `synchronous_commit = off` (for its own transaction only)
+/// and does not wait for its WAL flush: the handler's commit flushes the WAL through it, so a
+/// request waits for one flush instead of two. A claim lost in a crash of PostgreSQL took no
+/// committed write with it, and the retry runs once
+/// ([`claim_before_transaction`](tower_idempotency_core::TransactionalLedger::claim_before_transaction)).
+///
 /// Cloning is cheap and shares the pool and the listener.
 ///
 /// ```no_run
@@ -104,6 +110,51 @@ fn channel_of(table: &TableName) -> String {
     channel
 }
 
+/// Added to the claim's `INSERT .. SELECT` in exactly-once mode: the claim's transaction commits
+/// with `synchronous_commit = off` (`set_config`'s third argument keeps the setting to this
+/// statement's own transaction, and PostgreSQL reads it at the commit). The handler's
+/// transaction, which commits the completion, waits for the WAL flush through its own commit
+/// record, so through the claim's too (the WAL is one sequence): nothing the handler writes
+/// commits unless the claim is durable. A claim lost in a crash of the database (at most
+/// `wal_writer_delay` × 3 of unflushed commits) leaves no committed write, and the retry claims
+/// again and runs once. A replay writes nothing and commits nothing either way.
+const UNFLUSHED: &str = "AND set_config('synchronous_commit', 'off', true) IS NOT NULL";
+
+/// The claim statement (see `prepare`); `unflushed`: its commit does not wait for its WAL flush
+/// ([`TransactionalLedger::claim_before_transaction`](tower_idempotency_core::TransactionalLedger::claim_before_transaction)).
+fn claim_statement(t: &str, columns: &str, unflushed: bool) -> SqlStr {
+    statement(format!(
+        "WITH live AS ( \
+           SELECT {columns}, \
+             (extract(epoch FROM expires_at - now()) * 1000)::bigint AS expires_in \
+           FROM {t} \
+           WHERE key = $1 AND expires_at > now() AND NOT (state = '{IN_PROGRESS}' \
+             AND lease_until <= now() AND fingerprint = $3)), \
+         claimed AS ( \
+           INSERT INTO {t} AS r (key, scope, fingerprint, operation_id, token, state, \
+             lease_until, expires_at, status, headers, body, body_omitted) \
+           SELECT $1, $2, $3, $4, $5, '{IN_PROGRESS}', {lease}, {retention}, \
+             NULL, NULL, NULL, false \
+           WHERE NOT EXISTS (SELECT 1 FROM live) {unflushed} \
+           ON CONFLICT (key) DO UPDATE SET \
+             operation_id = CASE WHEN r.expires_at <= now() \
+               THEN excluded.operation_id ELSE r.operation_id END, \
+             scope = excluded.scope, fingerprint = excluded.fingerprint, \
+             token = excluded.token, state = '{IN_PROGRESS}', \
+             lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
+             status = NULL, headers = NULL, body = NULL, body_omitted = false \
+           WHERE r.expires_at <= now() OR (r.state = '{IN_PROGRESS}' \
+             AND r.lease_until <= now() AND r.fingerprint = excluded.fingerprint) \
+           RETURNING {columns}) \
+         SELECT true AS won, {columns}, NULL::bigint AS expires_in FROM claimed \
+         UNION ALL \
+         SELECT false, {columns}, expires_in FROM live",
+        lease = from_now(6),
+        retention = from_now(7),
+        unflushed = if unflushed { UNFLUSHED } else { "" },
+    ))
+}
+
 impl Backend for Postgres {
     const KIND: &'static str = "postgres";
     const LEDGER: &'static str = "PostgresLedger";
@@ -147,35 +198,8 @@ impl Backend for Postgres {
             // concurrent claim got there first, the INSERT writes nothing and `live`, read in the
             // statement's snapshot from before that claim committed, is empty too: neither
             // branch returns a row and the caller runs the statement again.
-            claim: sql(format!(
-                "WITH live AS ( \
-                   SELECT {columns}, \
-                     (extract(epoch FROM expires_at - now()) * 1000)::bigint AS expires_in \
-                   FROM {t} \
-                   WHERE key = $1 AND expires_at > now() AND NOT (state = '{IN_PROGRESS}' \
-                     AND lease_until <= now() AND fingerprint = $3)), \
-                 claimed AS ( \
-                   INSERT INTO {t} AS r (key, scope, fingerprint, operation_id, token, state, \
-                     lease_until, expires_at, status, headers, body, body_omitted) \
-                   SELECT $1, $2, $3, $4, $5, '{IN_PROGRESS}', {lease}, {retention}, \
-                     NULL, NULL, NULL, false \
-                   WHERE NOT EXISTS (SELECT 1 FROM live) \
-                   ON CONFLICT (key) DO UPDATE SET \
-                     operation_id = CASE WHEN r.expires_at <= now() \
-                       THEN excluded.operation_id ELSE r.operation_id END, \
-                     scope = excluded.scope, fingerprint = excluded.fingerprint, \
-                     token = excluded.token, state = '{IN_PROGRESS}', \
-                     lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
-                     status = NULL, headers = NULL, body = NULL, body_omitted = false \
-                   WHERE r.expires_at <= now() OR (r.state = '{IN_PROGRESS}' \
-                     AND r.lease_until <= now() AND r.fingerprint = excluded.fingerprint) \
-                   RETURNING {columns}) \
-                 SELECT true AS won, {columns}, NULL::bigint AS expires_in FROM claimed \
-                 UNION ALL \
-                 SELECT false, {columns}, expires_in FROM live",
-                lease = from_now(6),
-                retention = from_now(7),
-            )),
+            claim: claim_statement(&t, columns, false),
+            claim_before_transaction: claim_statement(&t, columns, true),
             complete: sql(format!(
                 "UPDATE {t} SET state = '{COMPLETED}', lease_until = NULL, status = $3, \
                    headers = $4, body = $5, body_omitted = $6, expires_at = {retention} \

@@ -130,27 +130,30 @@ impl Backend for Sqlite {
     fn prepare(pool: &Pool<Self>, table: &TableName) -> (Statements, ReadBack) {
         let t = table.quoted();
         let sql = statement;
+        // ?1 key, ?2 scope, ?3 fingerprint, ?4 operation id, ?5 token, ?6 lease and
+        // ?7 retention in ms. One statement decides: insert, replace an expired record, take
+        // over an expired lease with the same fingerprint, or write nothing. The SET
+        // expressions read the old row, so a takeover keeps its operation id.
+        let claim = sql(format!(
+            "INSERT INTO {t} (key, scope, fingerprint, operation_id, token, state, \
+               lease_until, expires_at, status, headers, body, body_omitted) \
+             VALUES (?1, ?2, ?3, ?4, ?5, '{IN_PROGRESS}', {NOW} + ?6, {NOW} + ?7, \
+               NULL, NULL, NULL, 0) \
+             ON CONFLICT (key) DO UPDATE SET \
+               operation_id = CASE WHEN expires_at <= {NOW} \
+                 THEN excluded.operation_id ELSE operation_id END, \
+               scope = excluded.scope, fingerprint = excluded.fingerprint, \
+               token = excluded.token, state = '{IN_PROGRESS}', \
+               lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
+               status = NULL, headers = NULL, body = NULL, body_omitted = 0 \
+             WHERE expires_at <= {NOW} OR (state = '{IN_PROGRESS}' \
+               AND lease_until <= {NOW} AND fingerprint = excluded.fingerprint) \
+             RETURNING operation_id, token"
+        ));
         let statements = Statements {
-            // ?1 key, ?2 scope, ?3 fingerprint, ?4 operation id, ?5 token, ?6 lease and
-            // ?7 retention in ms. One statement decides: insert, replace an expired record, take
-            // over an expired lease with the same fingerprint, or write nothing. The SET
-            // expressions read the old row, so a takeover keeps its operation id.
-            claim: sql(format!(
-                "INSERT INTO {t} (key, scope, fingerprint, operation_id, token, state, \
-                   lease_until, expires_at, status, headers, body, body_omitted) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, '{IN_PROGRESS}', {NOW} + ?6, {NOW} + ?7, \
-                   NULL, NULL, NULL, 0) \
-                 ON CONFLICT (key) DO UPDATE SET \
-                   operation_id = CASE WHEN expires_at <= {NOW} \
-                     THEN excluded.operation_id ELSE operation_id END, \
-                   scope = excluded.scope, fingerprint = excluded.fingerprint, \
-                   token = excluded.token, state = '{IN_PROGRESS}', \
-                   lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
-                   status = NULL, headers = NULL, body = NULL, body_omitted = 0 \
-                 WHERE expires_at <= {NOW} OR (state = '{IN_PROGRESS}' \
-                   AND lease_until <= {NOW} AND fingerprint = excluded.fingerprint) \
-                 RETURNING operation_id, token"
-            )),
+            // SQLite has no durability setting per transaction: the same statement.
+            claim_before_transaction: claim.clone(),
+            claim,
             complete: sql(format!(
                 "UPDATE {t} SET state = '{COMPLETED}', lease_until = NULL, status = ?3, \
                    headers = ?4, body = ?5, body_omitted = ?6, expires_at = {NOW} + ?7 \

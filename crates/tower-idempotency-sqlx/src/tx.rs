@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::{ColumnIndex, Decode, Encode, Executor, IntoArguments, Type};
 use tower_idempotency_core::{
-    FencingToken, LedgerError, LedgerKey, StoredResponse, TransactionalLedger,
+    Claim, ClaimRequest, FencingToken, LedgerError, LedgerKey, StoredResponse, TransactionalLedger,
 };
 use uuid::Uuid;
 
@@ -27,6 +27,13 @@ where
     for<'a> &'a str: ColumnIndex<DB::Row>,
 {
     type Transaction = sqlx::Transaction<'static, DB>;
+
+    /// On PostgreSQL, the claim's commit does not wait for its WAL flush; the handler's commit
+    /// waits for it instead (see `postgres.rs`). On SQLite, the plain claim.
+    async fn claim_before_transaction(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
+        self.claim_with(&self.sql.claim_before_transaction, request)
+            .await
+    }
 
     /// Begins in a task of its own, so that a caller that stops waiting (the layer's ledger
     /// timeout) cannot leave a pooled connection inside an open transaction: sqlx 0.9's `begin`

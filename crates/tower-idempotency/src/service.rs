@@ -8,7 +8,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::{FutureExt, TryFutureExt};
+use futures_util::{FutureExt, TryFutureExt, future::Either};
 use http::{Request, Response};
 use http_body::Body;
 use tokio::time::Instant;
@@ -241,9 +241,13 @@ where
             // The lease is counted from before the claim is sent: never later than the
             // ledger's own count.
             claimed_at = Instant::now();
-            let claimed = shared
-                .call("claim", Door::Gated, ledger.claim(&claim))
-                .await;
+            // In exactly-once mode the ledger may answer before the claim is durable: the
+            // handler's commit makes it so (`TransactionalLedger::claim_before_transaction`).
+            let call = match &config.transactions {
+                Some(transactions) => Either::Left(transactions.claim(&claim)),
+                None => Either::Right(ledger.claim(&claim)),
+            };
+            let claimed = shared.call("claim", Door::Gated, call).await;
             if phase.detached() {
                 // The client left while the claim was answered: give back a key won for nobody,
                 // rather than leave it claimed with no handler until its lease expires.

@@ -6,7 +6,7 @@ use futures_util::future::BoxFuture;
 use http::Extensions;
 use tokio::sync::Mutex;
 use tower_idempotency_core::{
-    FencingToken, LedgerError, LedgerKey, StoredResponse, TransactionalLedger,
+    Claim, ClaimRequest, FencingToken, LedgerError, LedgerKey, StoredResponse, TransactionalLedger,
 };
 
 mod commit;
@@ -20,6 +20,9 @@ pub use extract::{LedgerTx, MissingLedgerTx};
 /// Begins transactions for a ledger whose type the service does not name (it is fixed when
 /// `with_transactions` is called), so `Idempotency<S, L>` keeps one type in both modes.
 pub(crate) trait TxDriver: Send + Sync {
+    /// The claim in this mode: [`TransactionalLedger::claim_before_transaction`].
+    fn claim<'a>(&'a self, request: &'a ClaimRequest) -> BoxFuture<'a, Result<Claim, LedgerError>>;
+
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn TxHandle>, LedgerError>>;
 }
 
@@ -74,6 +77,10 @@ struct Handle<L: TransactionalLedger> {
 }
 
 impl<L: TransactionalLedger> TxDriver for Driver<L> {
+    fn claim<'a>(&'a self, request: &'a ClaimRequest) -> BoxFuture<'a, Result<Claim, LedgerError>> {
+        Box::pin(self.ledger.claim_before_transaction(request))
+    }
+
     fn begin(&self) -> BoxFuture<'_, Result<Box<dyn TxHandle>, LedgerError>> {
         Box::pin(async move {
             let transaction = self.ledger.begin().await?;

@@ -303,6 +303,12 @@ impl<L: Ledger> Ledger for FaultyLedger<L> {
 impl<L: TransactionalLedger> TransactionalLedger for FaultyLedger<L> {
     type Transaction = L::Transaction;
 
+    /// Faults as [`claim`](Ledger::claim) (the same [`Op::Claim`]).
+    async fn claim_before_transaction(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
+        let call = self.inner.claim_before_transaction(request);
+        self.faults.call(Op::Claim, call).await
+    }
+
     async fn begin(&self) -> Result<L::Transaction, LedgerError> {
         self.faults.call(Op::Begin, self.inner.begin()).await
     }
