@@ -9,11 +9,16 @@
 #   scripts/bench-http.sh compare    # or: growth
 #   scripts/bench-http.sh issue18    # issue 18's table: bare, Memory, PostgreSQL (+ cache), SQLite,
 #                                    # axum-idempotent on PostgreSQL (BENCH_ONLY narrows it further)
+#   scripts/bench-http.sh latency    # issue18 with network latency to the databases:
+#                                    # BENCH_DB_DELAY_US defaults to 500 (0.5 ms each way)
 # Settings: BENCH_SECS (5), BENCH_ROUNDS (3), BENCH_CONNS (32), GROWTH_SECS (60), GROWTH_WINDOW (5),
 # DATABASE_URL (the PostgreSQL variants are left out when empty), BENCH_ONLY (a comma-separated list of
 # variants: memory, sqlite, postgres, postgres-cached, redis (REDIS_URL), axum-idempotent, axum-idempotent-pg,
 # idempotent), BENCH_PATHS (fresh or replay; both by default), BENCH_HANDLER=json (every
-# variant's handler parses the JSON body instead of ignoring it).
+# variant's handler parses the JSON body instead of ignoring it), BENCH_DB_DELAY_US (when > 0, every
+# variant reaches PostgreSQL and Redis through a TCP proxy in the bench process that delays each chunk
+# of bytes by that many microseconds each way, bench/src/delay.rs: a round trip costs about twice that
+# more; the round trips through the proxy and direct are measured and printed at start).
 #   scripts/bench-http.sh one memory replay   # one measurement, for a profiler
 set -euo pipefail
 cd "$(dirname "$0")/../bench"
@@ -23,6 +28,10 @@ cargo build --release --quiet --ignore-rust-version
 echo "uptime: $(uptime)"
 echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(nproc) cores; rustc: $(rustc --version)"
 [ $# -gt 0 ] || set -- all
+if [ "$1" = latency ]; then
+    export BENCH_DB_DELAY_US="${BENCH_DB_DELAY_US-500}"
+    set -- issue18
+fi
 if [ "$1" = issue18 ]; then
     export BENCH_ONLY="${BENCH_ONLY-memory,postgres,postgres-cached,sqlite,redis,axum-idempotent-pg}"
     set -- compare

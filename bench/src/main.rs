@@ -18,12 +18,20 @@
 //! cargo run --release --ignore-rust-version -- one memory fresh  # one run, for a profiler
 //! cargo run --release --ignore-rust-version                      # compare, then growth
 //! ```
+//!
+//! `BENCH_DB_DELAY_US=500` (any number > 0) runs with network latency to the databases: every
+//! variant, whatever the mode, reaches PostgreSQL (`DATABASE_URL`) and Redis (`REDIS_URL`)
+//! through a TCP proxy in this process ([`delay`]) that delays every chunk of bytes by that many
+//! microseconds in each direction, so a round trip costs about twice that more; the round trips
+//! through the proxy and direct are measured and printed at start.
+
+mod delay;
 
 use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -248,8 +256,204 @@ async fn start(variant: Variant, run: &str) -> Option<Server> {
         .expect("starting a server")
 }
 
+fn env_url(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|u| !u.is_empty())
+}
+
+/// The URLs every variant connects to: `DATABASE_URL` and `REDIS_URL`, or with
+/// `BENCH_DB_DELAY_US` their rewrites to the delaying proxies ([`database_latency`]).
+struct Urls {
+    database: Option<String>,
+    redis: Option<String>,
+}
+
+static URLS: OnceLock<Urls> = OnceLock::new();
+
+fn urls() -> &'static Urls {
+    URLS.get_or_init(|| Urls {
+        database: env_url("DATABASE_URL"),
+        redis: env_url("REDIS_URL"),
+    })
+}
+
 fn database_url() -> Option<String> {
-    std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty())
+    urls().database.clone()
+}
+
+fn redis_url() -> Option<String> {
+    urls().redis.clone()
+}
+
+/// Splits `scheme://[userinfo@]host[:port][/path][?query]` into what comes before the host, the
+/// host (without an IPv6 literal's brackets), the port if given, and what follows the port.
+/// `None` for a URL without an authority or with several hosts (`host1,host2`).
+fn split_url(url: &str) -> Option<(&str, &str, Option<u16>, &str)> {
+    let authority_start = url.find("://")? + 3;
+    let authority_end = url[authority_start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| authority_start + i);
+    let authority = &url[authority_start..authority_end];
+    let host_start = authority_start + authority.rfind('@').map_or(0, |i| i + 1);
+    let host_port = &url[host_start..authority_end];
+    let (host, port) = if let Some(literal) = host_port.strip_prefix('[') {
+        let (host, after) = literal.split_once(']')?;
+        match after.strip_prefix(':') {
+            Some(port) => (host, Some(port.parse().ok()?)),
+            None if after.is_empty() => (host, None),
+            None => return None,
+        }
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port.parse().ok()?)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() || host.contains(',') {
+        return None;
+    }
+    Some((&url[..host_start], host, port, &url[authority_end..]))
+}
+
+/// Resolves `host:port` (`localhost` included). When it resolves to several addresses (`::1` and
+/// `127.0.0.1`), the first that accepts a connection is the one proxied.
+fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    if addrs.len() > 1 {
+        for addr in &addrs {
+            if std::net::TcpStream::connect_timeout(addr, Duration::from_secs(1)).is_ok() {
+                return Ok(*addr);
+            }
+        }
+    }
+    addrs.first().copied().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host}:{port} resolves to no address"),
+        )
+    })
+}
+
+/// A delaying proxy in front of the server `url` names: returns `url` rewritten to the proxy,
+/// the server's address and the proxy's.
+fn through_proxy(
+    name: &str,
+    url: &str,
+    default_port: u16,
+    one_way: Duration,
+) -> (String, SocketAddr, SocketAddr) {
+    let Some((before, host, port, after)) = split_url(url) else {
+        panic!("BENCH_DB_DELAY_US: cannot find one host:port in {name}");
+    };
+    let upstream = resolve(host, port.unwrap_or(default_port))
+        .unwrap_or_else(|e| panic!("BENCH_DB_DELAY_US: resolving {name}'s host {host}: {e}"));
+    let proxy = delay::start(upstream, one_way)
+        .unwrap_or_else(|e| panic!("BENCH_DB_DELAY_US: starting the proxy for {name}: {e}"));
+    (format!("{before}{proxy}{after}"), upstream, proxy)
+}
+
+/// Round trips measured on each connection to the databases, after a few unmeasured ones.
+const LATENCY_SAMPLES: usize = 200;
+
+/// The median of `LATENCY_SAMPLES` `SELECT 1` round trips, in milliseconds, on one connection.
+async fn select_1_p50_ms(url: &str) -> Result<f64, tower_idempotency_sqlx::sqlx::Error> {
+    use tower_idempotency_sqlx::sqlx::{self, Connection};
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let mut times = Vec::with_capacity(LATENCY_SAMPLES);
+    for i in 0..LATENCY_SAMPLES + 10 {
+        let t = Instant::now();
+        sqlx::query_scalar::<_, i32>("SELECT 1")
+            .fetch_one(&mut conn)
+            .await?;
+        if i >= 10 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    conn.close().await?;
+    Ok(median(&mut times))
+}
+
+/// The median of `LATENCY_SAMPLES` Redis `PING` round trips, in milliseconds, over a raw TCP
+/// connection to `addr` (a server that wants `AUTH` answers `-NOAUTH ..`: a round trip still).
+fn ping_p50_ms(addr: SocketAddr) -> std::io::Result<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut times = Vec::with_capacity(LATENCY_SAMPLES);
+    let mut buf = [0u8; 256];
+    for i in 0..LATENCY_SAMPLES + 10 {
+        let t = Instant::now();
+        stream.write_all(b"PING\r\n")?;
+        let mut reply = Vec::new();
+        while !reply.ends_with(b"\r\n") {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            reply.extend_from_slice(&buf[..n]);
+        }
+        if i >= 10 {
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(median(&mut times))
+}
+
+/// `BENCH_DB_DELAY_US` > 0: starts a delaying proxy ([`delay`]) in front of PostgreSQL and one in
+/// front of Redis, points every variant's URL at them, and prints the round trips measured
+/// through each proxy and directly. Must run before anything reads [`urls`].
+async fn database_latency() {
+    let us = env_u64("BENCH_DB_DELAY_US", 0);
+    if us == 0 {
+        return;
+    }
+    let one_way = Duration::from_micros(us);
+    let database = env_url("DATABASE_URL")
+        .map(|url| (through_proxy("DATABASE_URL", &url, 5432, one_way), url));
+    let redis = env_url("REDIS_URL").map(|url| through_proxy("REDIS_URL", &url, 6379, one_way));
+    let set = URLS.set(Urls {
+        database: database.as_ref().map(|((proxied, ..), _)| proxied.clone()),
+        redis: redis.as_ref().map(|(proxied, ..)| proxied.clone()),
+    });
+    assert!(set.is_ok(), "the URLs were read before the proxies started");
+
+    let mut measured = Vec::new();
+    if let Some(((proxied, upstream, proxy), direct)) = &database {
+        let line = match (
+            select_1_p50_ms(proxied).await,
+            select_1_p50_ms(direct).await,
+        ) {
+            (Ok(through), Ok(direct)) => format!(
+                "PostgreSQL ({upstream} via {proxy}) SELECT 1 p50 {through:.3} ms \
+                 (direct {direct:.3} ms) over {LATENCY_SAMPLES} queries"
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("PostgreSQL not measured ({e})"),
+        };
+        measured.push(line);
+    }
+    if let Some((_, upstream, proxy)) = redis {
+        let pings =
+            tokio::task::spawn_blocking(move || (ping_p50_ms(proxy), ping_p50_ms(upstream)))
+                .await
+                .expect("the Redis round trips");
+        let line = match pings {
+            (Ok(through), Ok(direct)) => format!(
+                "Redis ({upstream} via {proxy}) PING p50 {through:.3} ms (direct {direct:.3} ms) \
+                 over {LATENCY_SAMPLES} pings"
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("Redis not measured ({e})"),
+        };
+        measured.push(line);
+    }
+    if measured.is_empty() {
+        measured.push("neither DATABASE_URL nor REDIS_URL is set: nothing proxied".into());
+    }
+    println!(
+        "database latency: BENCH_DB_DELAY_US={us} one way, measured round trip through the \
+         proxy: {}",
+        measured.join("; ")
+    );
 }
 
 /// PostgreSQL's WAL position in bytes (`pg_current_wal_lsn()`): the difference around a run is
@@ -294,7 +498,7 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
             (app, None, Cleanup::Table(ledger))
         }
         Variant::Redis => {
-            let url = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty())?;
+            let url = redis_url()?;
             let ledger = RedisLedger::builder()
                 .with_prefix(&format!("bench:{run}:"))
                 .expect("a valid prefix")
@@ -302,7 +506,11 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
                 .await
                 .expect("connect to Redis");
             // The prefix keeps runs apart; the run's keys are deleted when it stops.
-            (layered(ledger), None, Cleanup::Redis(url, format!("bench:{run}:")))
+            (
+                layered(ledger),
+                None,
+                Cleanup::Redis(url, format!("bench:{run}:")),
+            )
         }
         Variant::AxumIdempotentPostgres => {
             use axum_idempotent::{IdempotentLayer, IdempotentOptions};
@@ -635,6 +843,8 @@ async fn measure(
         measuring: AtomicBool::new(false),
         stop: Arc::default(),
     });
+    // Through the delaying proxy under BENCH_DB_DELAY_US, like the variants (database_url()): the
+    // WAL positions are read before and after the measured window, so the delay does not count.
     let wal_pool = match (variant.uses_postgres(), database_url()) {
         (true, Some(url)) => tower_idempotency_sqlx::sqlx::PgPool::connect(&url)
             .await
@@ -1016,6 +1226,7 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         loadavg()
     );
+    database_latency().await;
     let ok = match mode.as_str() {
         "compare" => compare().await,
         "growth" => growth().await,
@@ -1062,5 +1273,37 @@ async fn main() {
     if !ok {
         eprintln!("FAILED: some responses were not what the path expects");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_url;
+
+    #[test]
+    fn splits_database_urls() {
+        assert_eq!(
+            split_url("postgres://postgres@127.0.0.1:5432/test"),
+            Some(("postgres://postgres@", "127.0.0.1", Some(5432), "/test"))
+        );
+        assert_eq!(
+            split_url("postgres://u:p%40ss@localhost/db?sslmode=disable"),
+            Some((
+                "postgres://u:p%40ss@",
+                "localhost",
+                None,
+                "/db?sslmode=disable"
+            ))
+        );
+        assert_eq!(
+            split_url("redis://127.0.0.1:6379"),
+            Some(("redis://", "127.0.0.1", Some(6379), ""))
+        );
+        assert_eq!(
+            split_url("redis://:secret@[::1]:6380/0"),
+            Some(("redis://:secret@", "::1", Some(6380), "/0"))
+        );
+        assert_eq!(split_url("postgres://a:1,b:2/db"), None);
+        assert_eq!(split_url("postgres:///db?host=/run/postgresql"), None);
     }
 }
