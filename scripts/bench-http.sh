@@ -13,7 +13,7 @@
 #                                    # BENCH_DB_DELAY_US defaults to 500 (0.5 ms each way)
 # Settings: BENCH_SECS (5), BENCH_ROUNDS (3), BENCH_CONNS (32), GROWTH_SECS (60), GROWTH_WINDOW (5),
 # DATABASE_URL (the PostgreSQL variants are left out when empty), BENCH_ONLY (a comma-separated list of
-# variants: memory, sqlite, postgres, postgres-cached, redis (REDIS_URL), axum-idempotent, axum-idempotent-pg,
+# variants: memory, sqlite, postgres, postgres-cached, postgres-tx (exactly-once mode), redis (REDIS_URL), axum-idempotent, axum-idempotent-pg,
 # idempotent), BENCH_PATHS (fresh or replay; both by default), BENCH_HANDLER=json (every
 # variant's handler parses the JSON body instead of ignoring it), BENCH_DB_DELAY_US (when > 0, every
 # variant reaches PostgreSQL and Redis through a TCP proxy in the bench process that delays each chunk
@@ -33,7 +33,7 @@ if [ "$1" = latency ]; then
     set -- issue18
 fi
 if [ "$1" = issue18 ]; then
-    export BENCH_ONLY="${BENCH_ONLY-memory,postgres,postgres-cached,sqlite,redis,axum-idempotent-pg}"
+    export BENCH_ONLY="${BENCH_ONLY-memory,postgres,postgres-cached,postgres-tx,sqlite,redis,axum-idempotent-pg}"
     set -- compare
 fi
 ./target/release/tower-idempotency-bench "$@"

@@ -11,7 +11,7 @@
 //! ```sh
 //! # idempotent 2.0 declares rust-version 1.98 and builds on 1.95: hence --ignore-rust-version
 //! cargo run --release --ignore-rust-version -- compare  # BENCH_SECS=5 BENCH_ROUNDS=3
-//! #   BENCH_CONNS=32 DATABASE_URL=.. BENCH_ONLY=memory,sqlite,postgres,postgres-cached,
+//! #   BENCH_CONNS=32 DATABASE_URL=.. BENCH_ONLY=memory,sqlite,postgres,postgres-cached,postgres-tx,
 //! #   axum-idempotent,axum-idempotent-pg,idempotent
 //! # BENCH_PATHS=replay (or fresh) runs one path only.
 //! cargo run --release --ignore-rust-version -- growth   # GROWTH_SECS=60 GROWTH_WINDOW=5
@@ -47,7 +47,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tower_idempotency::{CachedLedger, IdempotencyLayer, Ledger, MemoryLedger};
+use tower_idempotency::{CachedLedger, IdempotencyLayer, Ledger, LedgerTx, MemoryLedger};
 use tower_idempotency_redis::RedisLedger;
 use tower_idempotency_sqlx::{PostgresLedger, SqliteLedger};
 
@@ -79,6 +79,7 @@ enum Variant {
     Sqlite,
     Postgres,
     PostgresCached,
+    PostgresTx,
     Redis,
     AxumIdempotent,
     AxumIdempotentPostgres,
@@ -93,6 +94,7 @@ impl Variant {
             "sqlite" => Variant::Sqlite,
             "postgres" => Variant::Postgres,
             "postgres-cached" => Variant::PostgresCached,
+            "postgres-tx" => Variant::PostgresTx,
             "redis" => Variant::Redis,
             "axum-idempotent" => Variant::AxumIdempotent,
             "axum-idempotent-pg" => Variant::AxumIdempotentPostgres,
@@ -108,6 +110,7 @@ impl Variant {
             Variant::Sqlite => "tower-idempotency SqliteLedger (file)",
             Variant::Postgres => "tower-idempotency PostgresLedger",
             Variant::PostgresCached => "tower-idempotency CachedLedger<PostgresLedger>",
+            Variant::PostgresTx => "tower-idempotency PostgresLedger, exactly-once mode",
             Variant::Redis => "tower-idempotency RedisLedger",
             Variant::AxumIdempotent => "axum-idempotent 0.6 (ruts MokaStore)",
             Variant::AxumIdempotentPostgres => "axum-idempotent 0.6 (ruts PostgresStore)",
@@ -138,7 +141,10 @@ impl Variant {
     fn uses_postgres(self) -> bool {
         matches!(
             self,
-            Variant::Postgres | Variant::PostgresCached | Variant::AxumIdempotentPostgres
+            Variant::Postgres
+                | Variant::PostgresCached
+                | Variant::PostgresTx
+                | Variant::AxumIdempotentPostgres
         )
     }
 }
@@ -245,6 +251,29 @@ fn payments() -> Router {
 
 fn layered<L: Ledger + Clone>(ledger: L) -> Router {
     payments().layer(IdempotencyLayer::new(ledger))
+}
+
+/// Exactly-once mode (`with_transactions()`): the handler takes the ledger's transaction and, like
+/// every other variant's handler, writes nothing; the completion commits in that transaction, and
+/// the claim does not wait for its own WAL flush (one flush per request, as the peer's).
+fn exactly_once(ledger: PostgresLedger) -> Router {
+    let layer = IdempotencyLayer::builder(ledger)
+        .with_transactions()
+        .build()
+        .expect("valid layer settings");
+    Router::new()
+        .route(
+            "/payments",
+            post(|tx: LedgerTx<PostgresLedger>, body: Bytes| async move {
+                std::hint::black_box((&tx, body));
+                (
+                    StatusCode::CREATED,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    RESPONSE,
+                )
+            }),
+        )
+        .layer(layer)
 }
 
 /// Starts `variant` on the server runtime (its pools and tasks live there too).
@@ -482,7 +511,7 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
             ledger.migrate().await.expect("migrate SQLite");
             (layered(ledger), None, Cleanup::File(path))
         }
-        Variant::Postgres | Variant::PostgresCached => {
+        Variant::Postgres | Variant::PostgresCached | Variant::PostgresTx => {
             let url = database_url()?;
             let ledger = PostgresLedger::connect(&url)
                 .await
@@ -490,10 +519,10 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
                 .with_table(&format!("bench_{run}"))
                 .expect("a valid table name");
             ledger.migrate().await.expect("migrate PostgreSQL");
-            let app = if variant == Variant::PostgresCached {
-                layered(CachedLedger::new(ledger.clone()))
-            } else {
-                layered(ledger.clone())
+            let app = match variant {
+                Variant::PostgresCached => layered(CachedLedger::new(ledger.clone())),
+                Variant::PostgresTx => exactly_once(ledger.clone()),
+                _ => layered(ledger.clone()),
             };
             (app, None, Cleanup::Table(ledger))
         }
@@ -926,6 +955,7 @@ async fn compare() -> bool {
         Variant::Sqlite,
         Variant::Postgres,
         Variant::PostgresCached,
+        Variant::PostgresTx,
         Variant::Redis,
         Variant::AxumIdempotent,
         Variant::AxumIdempotentPostgres,
@@ -1234,7 +1264,7 @@ async fn main() {
         "one" => {
             let arg = |n: usize| std::env::args().nth(n).unwrap_or_default();
             let variant = Variant::parse(&arg(2)).expect(
-                "a variant: bare, memory, sqlite, postgres, postgres-cached, axum-idempotent, \
+                "a variant: bare, memory, sqlite, postgres, postgres-cached, postgres-tx, axum-idempotent, \
                      axum-idempotent-pg, idempotent",
             );
             let path = if arg(3) == "replay" {
