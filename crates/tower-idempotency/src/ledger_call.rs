@@ -135,6 +135,7 @@ impl<L: Ledger> Shared<L> {
         call: F,
     ) -> LedgerCall<'_, L, F> {
         let config = &self.config;
+        config.telemetry.breaker_started(self.ledger.name());
         let permit = match config.breaker.permit() {
             Permit::Refused if door == Door::Gated => Permit::Refused,
             Permit::Refused => Permit::Call,

@@ -26,7 +26,8 @@
 //! - `idempotency.lease.ceiling` (counter): handlers still running at the maximum handler time,
 //!   whose renewals stopped.
 //! - `idempotency.breaker.state` (gauge): the ledger circuit breaker, 0 closed, 1 open,
-//!   2 half-open (one probe in flight), recorded at each change, by `ledger`.
+//!   2 half-open (one probe in flight), by `ledger`: 0 at the layer's first ledger call, then
+//!   at each change.
 
 use std::future::Future;
 #[cfg(feature = "opentelemetry")]
@@ -49,6 +50,9 @@ pub(crate) struct Telemetry {
     metrics: OnceLock<Metrics>,
     #[cfg(feature = "opentelemetry")]
     on_call: OnceLock<OnCallMetrics>,
+    /// Whether the breaker's gauge has its first reading (closed, under the ledger's label).
+    #[cfg(feature = "opentelemetry")]
+    breaker_started: OnceLock<()>,
 }
 
 /// The on-call metrics (issue 16), apart from the others.
@@ -97,6 +101,8 @@ impl Telemetry {
             metrics: OnceLock::new(),
             #[cfg(feature = "opentelemetry")]
             on_call: OnceLock::new(),
+            #[cfg(feature = "opentelemetry")]
+            breaker_started: OnceLock::new(),
         }
     }
 
@@ -106,6 +112,7 @@ impl Telemetry {
             meter: Some(meter),
             metrics: OnceLock::new(),
             on_call: OnceLock::new(),
+            breaker_started: OnceLock::new(),
         }
     }
 
@@ -149,14 +156,10 @@ impl Telemetry {
                         "Handlers still running at the maximum handler time; renewals stopped",
                     )
                     .build(),
-                breaker_state: {
-                    let gauge = meter
-                        .u64_gauge("idempotency.breaker.state")
-                        .with_description("Ledger circuit breaker: 0 closed, 1 open, 2 half-open")
-                        .build();
-                    gauge.record(BreakerState::Closed as u64, &[]);
-                    gauge
-                },
+                breaker_state: meter
+                    .u64_gauge("idempotency.breaker.state")
+                    .with_description("Ledger circuit breaker: 0 closed, 1 open, 2 half-open")
+                    .build(),
             }
         })
     }
@@ -295,6 +298,17 @@ impl Telemetry {
     pub(crate) fn lease_ceiling(&self) {
         #[cfg(feature = "opentelemetry")]
         self.metrics().lease_ceiling.add(1, &[]);
+    }
+
+    /// At the first ledger call: the breaker's gauge starts at 0 (closed), in the `ledger`
+    /// series its changes are recorded in.
+    pub(crate) fn breaker_started(&self, ledger: &'static str) {
+        #[cfg(feature = "opentelemetry")]
+        self.breaker_started.get_or_init(|| {
+            self.breaker_state(ledger, BreakerState::Closed);
+        });
+        #[cfg(not(feature = "opentelemetry"))]
+        let _ = ledger;
     }
 
     pub(crate) fn breaker_state(&self, ledger: &'static str, state: BreakerState) {

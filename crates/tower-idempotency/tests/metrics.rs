@@ -380,6 +380,15 @@ async fn the_renewal_ceiling_the_lost_lease_and_the_breaker_are_metrics() {
     // The breaker: one failed claim opens it.
     faults.fail_next(Op::Claim, 1);
     send(&app, pay("breaker", "{}")).await;
+    // Read now: the next layer's ledger has the same name, so its breaker's first reading
+    // (closed) lands in the same series.
+    provider.force_flush().unwrap();
+    let metrics = flat(&exporter);
+    assert_eq!(
+        metrics.get("idempotency.breaker.state{ledger=memory}"),
+        Some(&1),
+        "{metrics:?}"
+    );
 
     // A lost lease: renewals answer without renewing, a retry takes the key over, and the
     // holder's next renewal is refused.
@@ -417,9 +426,32 @@ async fn the_renewal_ceiling_the_lost_lease_and_the_breaker_are_metrics() {
         Some(&1),
         "{metrics:?}"
     );
+}
+
+/// The breaker's gauge starts at 0 (closed) under its ledger's label, the series its later
+/// changes are recorded in; there is no second, unlabelled series.
+#[tokio::test]
+async fn the_breaker_gauge_starts_closed_under_its_ledger_label() {
+    let exporter = InMemoryMetricExporter::default();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(PeriodicReader::builder(exporter.clone()).build())
+        .build();
+    let layer = IdempotencyLayer::builder(MemoryLedger::new())
+        .with_meter(provider.meter("test"))
+        .build()
+        .unwrap();
+    let app = payments(Runs::default(), Duration::ZERO).layer(layer);
+    send(&app, pay("calm", "{}")).await;
+    provider.force_flush().unwrap();
+    let metrics = flat(&exporter);
     assert_eq!(
         metrics.get("idempotency.breaker.state{ledger=memory}"),
-        Some(&1),
+        Some(&0),
+        "{metrics:?}"
+    );
+    assert_eq!(
+        metrics.get("idempotency.breaker.state{}"),
+        None,
         "{metrics:?}"
     );
 }
