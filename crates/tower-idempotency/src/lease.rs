@@ -7,6 +7,7 @@ use std::{pin::Pin, task::Poll, time::Duration};
 
 use tokio::time::Instant;
 use tower_idempotency_core::{FencingToken, Ledger, LedgerError, LedgerKey, StoredResponse};
+use tracing::Instrument;
 
 use crate::{
     config::{Config, Shared},
@@ -218,6 +219,42 @@ pub(crate) async fn release<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, toke
             tracing::warn!(%error, "releasing the idempotency key failed; it frees itself when the lease expires")
         }
     }
+}
+
+/// A claim the layer stopped waiting for (the ledger timeout) may still have taken effect: its
+/// answer was late (a slow round trip, a Redis Cluster's index write after the claim). Gives the
+/// key back in the background, fenced by the claim's token, so that retries do not get 409 until
+/// the lease lapses. A claim that never took effect makes the release find nothing; one that
+/// commits only after the release (its statement still running in the database) keeps the key
+/// until its lease lapses, as before.
+pub(crate) fn release_timed_out_claim<L: Ledger>(
+    shared: std::sync::Arc<Shared<L>>,
+    key: LedgerKey,
+    token: FencingToken,
+) {
+    // Bounded like every ledger call, but not through the breaker's door: its answer says
+    // nothing about the claims that timed out (a ledger whose claims hang may still answer
+    // releases), and must not close a breaker they opened.
+    tokio::spawn(async move {
+        let after = shared.config.ledger_timeout();
+        let call = shared.ledger.release(&key, token);
+        let span = tracing::info_span!(
+            "idempotency.ledger",
+            operation = "release",
+            ledger = shared.ledger.name()
+        );
+        match tokio::time::timeout(after, call.instrument(span)).await {
+            Ok(Ok(())) => tracing::debug!("gave back a key whose claim timed out"),
+            Ok(Err(LedgerError::LeaseLost)) => {}
+            Ok(Err(error)) => tracing::warn!(
+                %error,
+                "giving back a key whose claim timed out failed; it frees itself when the lease expires"
+            ),
+            Err(_) => tracing::warn!(
+                "giving back a key whose claim timed out did not finish in time; it frees itself when the lease expires"
+            ),
+        }
+    });
 }
 
 /// The handler's result is not to be kept: roll its transaction back, then release the key.

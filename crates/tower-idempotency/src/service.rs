@@ -12,7 +12,9 @@ use futures_util::{FutureExt, TryFutureExt, future::Either};
 use http::{Request, Response};
 use http_body::Body;
 use tokio::time::Instant;
-use tower_idempotency_core::{BoxError, Claim, ClaimRequest, FencingToken, Ledger, LedgerKey};
+use tower_idempotency_core::{
+    BoxError, Claim, ClaimRequest, FencingToken, Ledger, LedgerError, LedgerKey,
+};
 use tower_service::Service;
 use tracing::{Instrument, field::Empty};
 
@@ -29,7 +31,7 @@ use crate::{
     duplicate::settle_existing,
     future::{Phase, ResponseFuture},
     intake,
-    lease::{LeaseClock, abandon, complete, release, renewing},
+    lease::{self, LeaseClock, abandon, complete, release, renewing},
     ledger_call::Door,
     response::to_stored,
     transaction::commit,
@@ -261,6 +263,9 @@ where
                 Ok(Claim::Acquired(lease)) => break lease,
                 Ok(Claim::Existing(existing)) => existing,
                 Err(error) => {
+                    if matches!(error, LedgerError::Timeout { .. }) {
+                        lease::release_timed_out_claim(shared.clone(), ledger_key, claim.token);
+                    }
                     phase.idle();
                     let request = Request::from_parts(*parts, ReqBody::from(body));
                     return Box::pin(ledger_failed(&shared, inner, request, error)).await;

@@ -48,6 +48,37 @@ async fn a_stalled_renewal_never_runs_a_live_handler_twice() {
     }
 }
 
+/// The claim took effect in the ledger but its answer came after the layer's ledger timeout (a
+/// slow round trip, a Redis Cluster's index write): the request is answered 503, and the key
+/// must not stay claimed with no handler, or every retry would get 409 until the lease lapsed.
+/// The layer gives it back (fenced by the claim's token), so the retry runs the handler, once.
+#[tokio::test(start_paused = true)]
+async fn a_claim_answered_after_the_ledger_timeout_does_not_strand_the_key() {
+    let ledger = Faulty::default();
+    let faults = ledger.faults();
+    faults.delay_answers(Op::Claim, Duration::from_millis(800));
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::builder(ledger.clone())
+        .with_lease(Duration::from_secs(30))
+        .with_ledger_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let app = payments(runs.clone(), Duration::ZERO).layer(layer);
+    let (first, _) = send(&app, pay("slow-claim", "{}")).await;
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    faults.delay_answers(Op::Claim, Duration::ZERO);
+    // Well inside the 30 s lease.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (retry, body) = send(&app, pay("slow-claim", "{}")).await;
+    assert_eq!(
+        retry.status(),
+        StatusCode::CREATED,
+        "the key stayed claimed by the timed-out claim: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(runs.get(), 1);
+}
+
 /// Every claim hangs: each covered request is answered 503 within the ledger timeout, the breaker
 /// opens after 3 of them and later requests do not touch the ledger; once the ledger answers
 /// again, the half-open probe closes the breaker and requests succeed.
