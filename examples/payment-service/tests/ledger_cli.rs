@@ -1,6 +1,7 @@
 //! `payment-service ledger ...` against the real binary: inspect a key just paid, release a
 //! claim left by a killed instance (the retry then runs once), evict a stored 402 (the retry
-//! then runs again).
+//! then runs again). Each on the SQLite default and on PostgreSQL (`DATABASE_URL`, a ledger
+//! table of the test's own), where an operator would run it for a fleet of instances.
 
 #![allow(clippy::unwrap_used)] // tests may panic
 
@@ -19,35 +20,103 @@ use tokio::process::Command;
 
 const TOKEN: &str = "tok_ledger_cli_test";
 
-/// The service's and its processor's SQLite files, removed on drop.
+/// Where the service keeps its ledger and payments (a SQLite file, or PostgreSQL with a ledger
+/// table of this test's own), and its processor's SQLite file; removed on drop.
 struct Files {
-    db: PathBuf,
+    db: Backing,
     processor: PathBuf,
+    /// Tells this run's customers apart in a payments table other runs share (PostgreSQL).
+    tag: String,
+}
+
+enum Backing {
+    Sqlite(PathBuf),
+    Postgres { url: String, table: String },
+}
+
+fn sqlite_file(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("{name}-{}.db", uuid::Uuid::new_v4().simple()))
 }
 
 impl Files {
     fn new() -> Self {
-        let file = |name: &str| {
-            std::env::temp_dir().join(format!("{name}-{}.db", uuid::Uuid::new_v4().simple()))
-        };
         Self {
-            db: file("payment-service-cli"),
-            processor: file("payment-processor-cli"),
+            db: Backing::Sqlite(sqlite_file("payment-service-cli")),
+            processor: sqlite_file("payment-processor-cli"),
+            tag: uuid::Uuid::new_v4().simple().to_string(),
         }
+    }
+
+    /// On PostgreSQL (`DATABASE_URL`), or `None` after saying it skipped (a failure with
+    /// `CI=true`).
+    fn postgres() -> Option<Self> {
+        let Some(url) = std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()) else {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!(
+                    "DATABASE_URL must be set in CI: the PostgreSQL CLI tests cannot be skipped"
+                );
+            }
+            println!("SKIPPED: DATABASE_URL is not set, so this PostgreSQL CLI test did not run");
+            return None;
+        };
+        let tag = uuid::Uuid::new_v4().simple().to_string();
+        Some(Self {
+            db: Backing::Postgres {
+                url,
+                table: format!("cli_records_{tag}"),
+            },
+            processor: sqlite_file("payment-processor-cli"),
+            tag,
+        })
     }
 
     fn url(path: &std::path::Path) -> String {
         format!("sqlite://{}?mode=rwc", path.display())
     }
 
-    fn database_url(&self) -> String {
-        Self::url(&self.db)
+    /// `--database-url` (and `--ledger-table` on PostgreSQL), as `serve` and `ledger` take them.
+    fn database_args(&self) -> Vec<String> {
+        match &self.db {
+            Backing::Sqlite(path) => vec!["--database-url".into(), Self::url(path)],
+            Backing::Postgres { url, table } => vec![
+                "--database-url".into(),
+                url.clone(),
+                "--ledger-table".into(),
+                table.clone(),
+            ],
+        }
+    }
+
+    /// On PostgreSQL, how many records the test's ledger table holds (so the test knows the
+    /// service and the CLI used it); `None` on SQLite.
+    async fn postgres_records(&self) -> Option<i64> {
+        use tower_idempotency_sqlx::sqlx::{self, AssertSqlSafe};
+        let Backing::Postgres { url, table } = &self.db else {
+            return None;
+        };
+        let pool = sqlx::PgPool::connect(url).await.unwrap();
+        let count = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM \"{table}\"")))
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        Some(count)
+    }
+
+    /// A customer name of this run's own.
+    fn customer(&self, name: &str) -> String {
+        format!("{name}-{}", &self.tag[..8])
     }
 }
 
 impl Drop for Files {
     fn drop(&mut self) {
-        for file in [&self.db, &self.processor] {
+        let mut files = vec![self.processor.clone()];
+        match &self.db {
+            Backing::Sqlite(path) => files.push(path.clone()),
+            Backing::Postgres { url, table } => drop_table(url.clone(), table.clone()),
+        }
+        for file in files {
             for suffix in ["", "-wal", "-shm"] {
                 let mut path = file.clone().into_os_string();
                 path.push(suffix);
@@ -57,18 +126,43 @@ impl Drop for Files {
     }
 }
 
+/// Drops the test's ledger table, pass or fail: on a thread with a runtime of its own (`Drop`
+/// cannot await), giving up after a few seconds rather than hang a failing test.
+fn drop_table(url: String, table: String) {
+    use tower_idempotency_sqlx::sqlx::{self, AssertSqlSafe, postgres::PgPoolOptions};
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            let connect = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(5))
+                .connect(&url);
+            let Ok(pool) = connect.await else {
+                return;
+            };
+            let sql = format!("SET lock_timeout = '5s'; DROP TABLE IF EXISTS \"{table}\"");
+            let _ = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await;
+            pool.close().await;
+        });
+    });
+    let _ = cleanup.join();
+}
+
 /// Starts `payment-service serve` on `files`, with `hook` (a hidden test flag) if any.
 async fn start(files: &Files, lease_ms: u64, hook: Option<&str>) -> Process {
     let lease = lease_ms.to_string();
-    let (database, processor) = (files.database_url(), Files::url(&files.processor));
+    let processor = Files::url(&files.processor);
     let mut command = Process::command(&[
         "serve",
         "--addr",
         "127.0.0.1:0",
         "--lease-ms",
         &lease,
-        "--database-url",
-        &database,
         "--processor-database-url",
         &processor,
         "--processor-lease-ms",
@@ -76,6 +170,7 @@ async fn start(files: &Files, lease_ms: u64, hook: Option<&str>) -> Process {
         "--latency-ms",
         "0",
     ]);
+    command.args(files.database_args());
     if let Some(hook) = hook {
         command.arg(hook);
     }
@@ -100,7 +195,7 @@ async fn ledger(files: &Files, args: &[&str]) -> Run {
     let output = Command::new(env!("CARGO_BIN_EXE_payment-service"))
         .arg("ledger")
         .args(args)
-        .args(["--database-url", &files.database_url()])
+        .args(files.database_args())
         .env_remove("DATABASE_URL")
         .env_remove("PAYMENT_SERVICE_LEDGER_URL")
         .env_remove("PAYMENT_SERVICE_LEDGER_TABLE")
@@ -152,10 +247,27 @@ fn client() -> Client {
 
 #[tokio::test]
 async fn inspect_finds_a_key_just_paid() {
-    let files = Files::new();
+    inspect_case(Files::new()).await;
+}
+
+#[tokio::test]
+async fn inspect_finds_a_key_just_paid_on_postgres() {
+    if let Some(files) = Files::postgres() {
+        inspect_case(files).await;
+    }
+}
+
+async fn inspect_case(files: Files) {
     let service = start(&files, 30_000, None).await;
-    let paid = pay(&client(), &service.base, "cli-paid-1", "cli-alice", 1234).await;
+    let alice = files.customer("cli-alice");
+    let paid = pay(&client(), &service.base, "cli-paid-1", &alice, 1234).await;
     assert_eq!(paid.status, StatusCode::CREATED, "{}", paid.body);
+    if let Some(records) = files.postgres_records().await {
+        assert_eq!(
+            records, 1,
+            "the service keeps its ledger in the test's table"
+        );
+    }
 
     let run = ledger(
         &files,
@@ -215,18 +327,29 @@ async fn inspect_finds_a_key_just_paid() {
 
 #[tokio::test]
 async fn release_frees_a_claim_stuck_by_a_killed_instance_and_the_retry_runs_once() {
-    let files = Files::new();
+    release_case(Files::new()).await;
+}
+
+#[tokio::test]
+async fn release_frees_a_claim_stuck_by_a_killed_instance_on_postgres() {
+    if let Some(files) = Files::postgres() {
+        release_case(files).await;
+    }
+}
+
+async fn release_case(files: Files) {
     let client = client();
+    let bob = files.customer("cli-bob");
     let key = "cli-stuck-1";
     let mut doomed = start(&files, 500, Some("--pause-after-write")).await;
     let first = tokio::spawn({
-        let (client, base) = (client.clone(), doomed.base.clone());
+        let (client, base, bob) = (client.clone(), doomed.base.clone(), bob.clone());
         async move {
             client
                 .post(format!("{base}/payments"))
                 .bearer_auth(TOKEN)
                 .header("Idempotency-Key", key)
-                .json(&json!({ "amount": 1234, "currency": "EUR", "customer": "cli-bob" }))
+                .json(&json!({ "amount": 1234, "currency": "EUR", "customer": bob }))
                 .send()
                 .await
         }
@@ -277,14 +400,14 @@ async fn release_frees_a_claim_stuck_by_a_killed_instance_and_the_retry_runs_onc
 
     // The retry runs once (201, not a replay); the one after is its replay; one payment.
     let restarted = start(&files, 30_000, None).await;
-    let retry = pay(&client, &restarted.base, key, "cli-bob", 1234).await;
+    let retry = pay(&client, &restarted.base, key, &bob, 1234).await;
     assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.body);
     assert!(!retry.replayed);
-    let replay = pay(&client, &restarted.base, key, "cli-bob", 1234).await;
+    let replay = pay(&client, &restarted.base, key, &bob, 1234).await;
     assert!(replay.replayed);
     assert_eq!(replay.body["id"], retry.body["id"]);
     let payments: Value = client
-        .get(format!("{}/payments?customer=cli-bob", restarted.base))
+        .get(format!("{}/payments?customer={bob}", restarted.base))
         .bearer_auth(TOKEN)
         .send()
         .await
@@ -306,18 +429,29 @@ async fn release_frees_a_claim_stuck_by_a_killed_instance_and_the_retry_runs_onc
 
 #[tokio::test]
 async fn evict_of_a_stored_402_makes_the_retry_run_again() {
-    let files = Files::new();
+    evict_case(Files::new()).await;
+}
+
+#[tokio::test]
+async fn evict_of_a_stored_402_makes_the_retry_run_again_on_postgres() {
+    if let Some(files) = Files::postgres() {
+        evict_case(files).await;
+    }
+}
+
+async fn evict_case(files: Files) {
     let client = client();
+    let carol = files.customer("cli-carol");
     let service = start(&files, 30_000, None).await;
     let key = "cli-declined-1";
-    let declined = pay(&client, &service.base, key, "cli-carol", 2_000_000).await;
+    let declined = pay(&client, &service.base, key, &carol, 2_000_000).await;
     assert_eq!(
         declined.status,
         StatusCode::PAYMENT_REQUIRED,
         "{}",
         declined.body
     );
-    let replayed = pay(&client, &service.base, key, "cli-carol", 2_000_000).await;
+    let replayed = pay(&client, &service.base, key, &carol, 2_000_000).await;
     assert!(replayed.replayed, "a stored 4xx is replayed");
 
     let other = ledger(&files, &["evict", "--token", "tok_other", key]).await;
@@ -330,7 +464,7 @@ async fn evict_of_a_stored_402_makes_the_retry_run_again() {
     assert_eq!(gone.code, 1);
     assert_eq!(gone.json()["refused"], "not-found");
 
-    let retry = pay(&client, &service.base, key, "cli-carol", 2_000_000).await;
+    let retry = pay(&client, &service.base, key, &carol, 2_000_000).await;
     assert_eq!(retry.status, StatusCode::PAYMENT_REQUIRED);
     assert!(!retry.replayed, "evicted: the payment ran again");
     let record = ledger(&files, &["inspect", "--token", TOKEN, key, "--json"]).await;
