@@ -114,7 +114,10 @@ impl Drop for Files {
         let mut files = vec![self.processor.clone()];
         match &self.db {
             Backing::Sqlite(path) => files.push(path.clone()),
-            Backing::Postgres { url, table } => drop_table(url.clone(), table.clone()),
+            // Pass or fail.
+            Backing::Postgres { url, table } => {
+                tower_idempotency_tests::pg::drop_table_blocking(url.clone(), table.clone());
+            }
         }
         for file in files {
             for suffix in ["", "-wal", "-shm"] {
@@ -124,33 +127,6 @@ impl Drop for Files {
             }
         }
     }
-}
-
-/// Drops the test's ledger table, pass or fail: on a thread with a runtime of its own (`Drop`
-/// cannot await), giving up after a few seconds rather than hang a failing test.
-fn drop_table(url: String, table: String) {
-    use tower_idempotency_sqlx::sqlx::{self, AssertSqlSafe, postgres::PgPoolOptions};
-    let cleanup = std::thread::spawn(move || {
-        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        else {
-            return;
-        };
-        runtime.block_on(async {
-            let connect = PgPoolOptions::new()
-                .max_connections(1)
-                .acquire_timeout(Duration::from_secs(5))
-                .connect(&url);
-            let Ok(pool) = connect.await else {
-                return;
-            };
-            let sql = format!("SET lock_timeout = '5s'; DROP TABLE IF EXISTS \"{table}\"");
-            let _ = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await;
-            pool.close().await;
-        });
-    });
-    let _ = cleanup.join();
 }
 
 /// Starts `payment-service serve` on `files`, with `hook` (a hidden test flag) if any.

@@ -118,37 +118,14 @@ impl PgTable {
     }
 }
 
-/// A test that panicked (or returned) before [`PgTable::drop`] still removes its table. `Drop`
-/// cannot await, so this runs on a thread with a runtime of its own, on a connection of its own,
-/// and gives up after a few seconds rather than hang a failing test (a lock the test still
-/// holds would otherwise block the `DROP`).
+/// A test that panicked (or returned) before [`PgTable::drop`] still removes its table
+/// (`drop_table_blocking`: `Drop` cannot await).
 impl Drop for PgTable {
     fn drop(&mut self) {
         if self.dropped {
             return;
         }
-        let (url, name) = (self.url.clone(), self.name.clone());
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            runtime.block_on(async {
-                let Ok(pool) = PgPoolOptions::new().max_connections(1).connect(&url).await else {
-                    return;
-                };
-                let sql = format!("SET lock_timeout = '5s'; DROP TABLE IF EXISTS \"{name}\"");
-                let _ = tower_idempotency_sqlx::sqlx::raw_sql(
-                    tower_idempotency_sqlx::sqlx::AssertSqlSafe(sql),
-                )
-                .execute(&pool)
-                .await;
-                pool.close().await;
-            });
-        });
-        let _ = cleanup.join();
+        tower_idempotency_tests::pg::drop_table_blocking(self.url.clone(), self.name.clone());
     }
 }
 
