@@ -15,7 +15,8 @@
 # DATABASE_URL (the PostgreSQL variants are left out when empty), BENCH_ONLY (a comma-separated list of
 # variants: memory, sqlite, postgres, postgres-cached, postgres-tx (exactly-once mode), redis (REDIS_URL), axum-idempotent, axum-idempotent-pg,
 # idempotent), BENCH_PATHS (fresh or replay; both by default), BENCH_HANDLER=json (every
-# variant's handler parses the JSON body instead of ignoring it), BENCH_DB_DELAY_US (when > 0, every
+# variant's handler parses the JSON body instead of ignoring it), BENCH_PG_POOL (the PostgreSQL pool size of
+# the ledger variants and of the PostgreSQL peer alike; default 10), BENCH_DB_DELAY_US (when > 0, every
 # variant reaches PostgreSQL and Redis through a TCP proxy in the bench process that delays each chunk
 # of bytes by that many microseconds each way, bench/src/delay.rs: a round trip costs about twice that
 # more; the round trips through the proxy and direct are measured and printed at start).

@@ -305,6 +305,34 @@ fn urls() -> &'static Urls {
     })
 }
 
+/// `BENCH_PG_POOL`: the PostgreSQL pool size of the ledger variants and of the PostgreSQL peer
+/// (default 10, `PostgresLedger::connect`'s and sqlx's).
+fn pg_pool_size() -> u32 {
+    env_u64("BENCH_PG_POOL", 10) as u32
+}
+
+/// `PostgresLedger::connect`, or with `BENCH_PG_POOL` the same settings on a pool of that size.
+async fn postgres_ledger(url: &str) -> PostgresLedger {
+    use std::str::FromStr;
+    use tower_idempotency_sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    if std::env::var("BENCH_PG_POOL").is_err() {
+        return PostgresLedger::connect(url)
+            .await
+            .expect("connect to PostgreSQL");
+    }
+    let options = PgConnectOptions::from_str(url)
+        .expect("a PostgreSQL URL")
+        .options([("statement_timeout", "5s")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(pg_pool_size())
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire(false)
+        .connect_with(options)
+        .await
+        .expect("connect to PostgreSQL");
+    PostgresLedger::new(pool)
+}
+
 fn database_url() -> Option<String> {
     urls().database.clone()
 }
@@ -513,9 +541,8 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
         }
         Variant::Postgres | Variant::PostgresCached | Variant::PostgresTx => {
             let url = database_url()?;
-            let ledger = PostgresLedger::connect(&url)
+            let ledger = postgres_ledger(&url)
                 .await
-                .expect("connect to PostgreSQL")
                 .with_table(&format!("bench_{run}"))
                 .expect("a valid table name");
             ledger.migrate().await.expect("migrate PostgreSQL");
@@ -545,9 +572,9 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
             use axum_idempotent::{IdempotentLayer, IdempotentOptions};
             use ruts::{CookieOptions, SessionLayer, store::postgres::PostgresStore};
             let url = database_url()?;
-            // As many connections as the PostgresLedger's default pool.
+            // As many connections as the PostgresLedger's pool.
             let pool = sqlx08::postgres::PgPoolOptions::new()
-                .max_connections(10)
+                .max_connections(pg_pool_size())
                 .connect(&url)
                 .await
                 .expect("connect to PostgreSQL (sqlx 0.8)");
