@@ -14,12 +14,18 @@ use opentelemetry_sdk::metrics::{
 use support::*;
 use tower_idempotency::{IdempotencyLayer, MemoryLedger};
 
-#[tokio::test]
-async fn the_outcome_counter_counts_by_outcome() {
+/// A meter provider whose readings the test reads back from the exporter.
+fn recording() -> (SdkMeterProvider, InMemoryMetricExporter) {
     let exporter = InMemoryMetricExporter::default();
     let provider = SdkMeterProvider::builder()
         .with_reader(PeriodicReader::builder(exporter.clone()).build())
         .build();
+    (provider, exporter)
+}
+
+#[tokio::test]
+async fn the_outcome_counter_counts_by_outcome() {
+    let (provider, exporter) = recording();
     let layer = IdempotencyLayer::builder(MemoryLedger::new())
         .with_meter(provider.meter("test"))
         .build()
@@ -159,10 +165,7 @@ async fn every_metric_and_every_outcome_is_recorded_with_its_attributes() {
     use tower_idempotency::{InProgress, LedgerFailure, MissingKey};
     use tower_idempotency_core::conformance::FaultyLedger;
 
-    let exporter = InMemoryMetricExporter::default();
-    let provider = SdkMeterProvider::builder()
-        .with_reader(PeriodicReader::builder(exporter.clone()).build())
-        .build();
+    let (provider, exporter) = recording();
     let meter = provider.meter("test");
     let slow = Duration::from_millis(400);
     let layer = |policy: InProgress| {
@@ -358,10 +361,7 @@ fn flat(exporter: &InMemoryMetricExporter) -> HashMap<String, u64> {
 async fn the_renewal_ceiling_the_lost_lease_and_the_breaker_are_metrics() {
     use tower_idempotency::CircuitBreaker;
     use tower_idempotency_core::conformance::{FaultyLedger, Op};
-    let exporter = InMemoryMetricExporter::default();
-    let provider = SdkMeterProvider::builder()
-        .with_reader(PeriodicReader::builder(exporter.clone()).build())
-        .build();
+    let (provider, exporter) = recording();
     let ledger = FaultyLedger::new(MemoryLedger::new());
     let faults = ledger.faults();
     let layer = IdempotencyLayer::builder(ledger)
@@ -432,10 +432,7 @@ async fn the_renewal_ceiling_the_lost_lease_and_the_breaker_are_metrics() {
 /// changes are recorded in; there is no second, unlabelled series.
 #[tokio::test]
 async fn the_breaker_gauge_starts_closed_under_its_ledger_label() {
-    let exporter = InMemoryMetricExporter::default();
-    let provider = SdkMeterProvider::builder()
-        .with_reader(PeriodicReader::builder(exporter.clone()).build())
-        .build();
+    let (provider, exporter) = recording();
     let layer = IdempotencyLayer::builder(MemoryLedger::new())
         .with_meter(provider.meter("test"))
         .build()
@@ -465,10 +462,7 @@ async fn the_purge_task_counts_stuck_claims() {
         Fingerprint, IdempotencyKey, Ledger,
         core::{ClaimRequest, LedgerKey, ScopeDigest},
     };
-    let exporter = InMemoryMetricExporter::default();
-    let provider = SdkMeterProvider::builder()
-        .with_reader(PeriodicReader::builder(exporter.clone()).build())
-        .build();
+    let (provider, exporter) = recording();
     let ledger = MemoryLedger::new();
     let layer = IdempotencyLayer::builder(ledger.clone())
         .with_meter(provider.meter("test"))
