@@ -250,6 +250,11 @@ where
                 None => Either::Right(ledger.claim(&claim)),
             };
             let claimed = shared.call("claim", Door::Gated, call).await;
+            if let Err(LedgerError::Timeout { .. }) = claimed {
+                // It may have taken effect after all: give the key back rather than leave it
+                // claimed with no handler (whether or not the client is still there).
+                lease::release_timed_out_claim(shared.clone(), ledger_key, claim.token);
+            }
             if phase.detached() {
                 // The client left while the claim was answered: give back a key won for nobody,
                 // rather than leave it claimed with no handler until its lease expires.
@@ -263,9 +268,6 @@ where
                 Ok(Claim::Acquired(lease)) => break lease,
                 Ok(Claim::Existing(existing)) => existing,
                 Err(error) => {
-                    if matches!(error, LedgerError::Timeout { .. }) {
-                        lease::release_timed_out_claim(shared.clone(), ledger_key, claim.token);
-                    }
                     phase.idle();
                     let request = Request::from_parts(*parts, ReqBody::from(body));
                     return Box::pin(ledger_failed(&shared, inner, request, error)).await;
