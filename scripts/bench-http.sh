@@ -19,7 +19,9 @@
 # the ledger variants and of the PostgreSQL peer alike; default 10), BENCH_DB_DELAY_US (when > 0, every
 # variant reaches PostgreSQL and Redis through a TCP proxy in the bench process that delays each chunk
 # of bytes by that many microseconds each way, bench/src/delay.rs: a round trip costs about twice that
-# more; the round trips through the proxy and direct are measured and printed at start).
+# more; the round trips through the proxy and direct are measured and printed at start), BENCH_PG_SQL
+# (statements run on the PostgreSQL ledger variants' table after the migrations, `{t}` its name: for
+# measuring a schema change before making it a migration).
 #   scripts/bench-http.sh one memory replay   # one measurement, for a profiler
 set -euo pipefail
 cd "$(dirname "$0")/../bench"

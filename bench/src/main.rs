@@ -546,6 +546,16 @@ async fn start_here(variant: Variant, run: &str) -> Option<Server> {
                 .with_table(&format!("bench_{run}"))
                 .expect("a valid table name");
             ledger.migrate().await.expect("migrate PostgreSQL");
+            // BENCH_PG_SQL: statements run on the run's table after the migrations (`{t}` is its
+            // name), for measuring a schema change before making it a migration.
+            if let Ok(sql) = std::env::var("BENCH_PG_SQL") {
+                tower_idempotency_sqlx::sqlx::raw_sql(tower_idempotency_sqlx::sqlx::AssertSqlSafe(
+                    sql.replace("{t}", &format!("bench_{run}")),
+                ))
+                .execute(ledger.pool())
+                .await
+                .expect("BENCH_PG_SQL");
+            }
             let app = match variant {
                 Variant::PostgresCached => layered(CachedLedger::new(ledger.clone())),
                 Variant::PostgresTx => exactly_once(ledger.clone()),

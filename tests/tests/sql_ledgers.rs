@@ -179,6 +179,8 @@ async fn postgres_corrupt_rows_are_errors_not_panics() {
         ("headers", "SET headers = '\\x0009ff'::bytea"),
         ("fingerprint", "SET fingerprint = '\\x00'::bytea"),
         ("completed without status", "SET status = NULL"),
+        // No CHECK constraint guards `state` since migration 0003; the read does.
+        ("state", "SET state = 'done'"),
     ];
     for (i, (what, set)) in corruptions.into_iter().enumerate() {
         let first = completed(ledger, &format!("k{i}")).await;
@@ -453,6 +455,38 @@ async fn postgres_schema_qualified_table_migrates_idempotently() {
         .execute(&pool)
         .await
         .expect("drop the schema");
+}
+
+/// Migration 0003 drops the CHECK constraint on `state` (it was planned again in every write,
+/// issue 18) from a table made by an earlier release, and the ledger works on the result.
+#[tokio::test]
+async fn postgres_migrate_drops_the_state_check_of_an_older_table() {
+    let Some(table) = common::PgTable::unmigrated().await else {
+        return;
+    };
+    let ledger = &table.ledger;
+    let checks = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'c'",
+        )
+        .bind(format!("\"{}\"", table.name))
+        .fetch_one(ledger.pool())
+        .await
+        .expect("count the CHECK constraints")
+    };
+    // The table as migrations 0001 and 0002 made it.
+    for (_, sql) in ledger.migrations().iter().take(2) {
+        sqlx::raw_sql(AssertSqlSafe(sql.clone()))
+            .execute(ledger.pool())
+            .await
+            .expect("an earlier migration");
+    }
+    assert_eq!(checks().await, 1, "0001 makes the CHECK on state");
+    ledger.migrate().await.expect("migrate");
+    assert_eq!(checks().await, 0, "migrate drops it");
+    ledger.migrate().await.expect("migrate again");
+    completed(ledger, "k").await;
+    table.drop().await;
 }
 
 /// A PostgreSQL test that panics before `PgTable::drop` still removes its table (the `Drop` guard

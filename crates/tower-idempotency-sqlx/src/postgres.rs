@@ -168,6 +168,10 @@ impl Backend for Postgres {
             "0002_watched",
             include_str!("../migrations/postgres/0002_watched.sql"),
         ),
+        (
+            "0003_no_state_check",
+            include_str!("../migrations/postgres/0003_no_state_check.sql"),
+        ),
     ];
 
     type Extra = Listening;

@@ -90,12 +90,19 @@ pub(crate) struct PgTable {
 impl PgTable {
     /// A fresh, migrated table, or `None` (after saying so) when there is no database.
     pub(crate) async fn create() -> Option<Self> {
+        let table = Self::unmigrated().await?;
+        table.ledger.migrate().await.expect("migrate");
+        Some(table)
+    }
+
+    /// A ledger on a table name of its own that no migration has run for yet (the test makes
+    /// the table), or `None` when there is no database; dropped like [`create`](Self::create)'s.
+    pub(crate) async fn unmigrated() -> Option<Self> {
         let url = database_url()?;
         let name = unique_name("ti_test");
         let ledger = PostgresLedger::new(pg_pool(&url).await)
             .with_table(&name)
             .expect("a valid table name");
-        ledger.migrate().await.expect("migrate");
         Some(Self {
             ledger,
             name,
