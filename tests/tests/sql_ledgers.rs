@@ -457,36 +457,154 @@ async fn postgres_schema_qualified_table_migrates_idempotently() {
         .expect("drop the schema");
 }
 
-/// Migration 0003 drops the CHECK constraint on `state` (it was planned again in every write,
-/// issue 18) from a table made by an earlier release, and the ledger works on the result.
+/// `migrate()` upgrades a table made by an earlier release, in a schema of its own (the index it
+/// drops must be named with the schema): migration 0003 drops the CHECK constraint on `state`
+/// (planned again in every write, issue 18), 0004 replaces the `expires_at` index with one on
+/// `purge_from` (so that a completion is a heap-only update), and records written before 0004
+/// are still purged once expired, and only then.
 #[tokio::test]
-async fn postgres_migrate_drops_the_state_check_of_an_older_table() {
-    let Some(table) = common::PgTable::unmigrated().await else {
+async fn postgres_migrate_upgrades_an_older_table() {
+    let Some(url) = common::database_url() else {
         return;
     };
-    let ledger = &table.ledger;
-    let checks = || async {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT count(*) FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'c'",
+    let pool = common::pg_pool(&url).await;
+    let schema = common::unique_name("ti_test_older");
+    let run = |sql: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .expect("SQL set-up")
+        }
+    };
+    run(format!("CREATE SCHEMA \"{schema}\"")).await;
+    let table = format!("{schema}.records");
+    let quoted = format!("\"{schema}\".\"records\"");
+    let ledger = PostgresLedger::new(pool.clone())
+        .with_table(&table)
+        .expect("a qualified name");
+    // The table as the release before 0003 made it: 0001 (which also indexed `expires_at`) and
+    // 0002, with one expired and one live record in it.
+    for (_, sql) in ledger.migrations().iter().take(2) {
+        run(sql.clone()).await;
+    }
+    run(format!(
+        "CREATE INDEX records_expires_at ON {quoted} (expires_at); \
+         INSERT INTO {quoted} (key, scope, fingerprint, operation_id, token, state, \
+           lease_until, expires_at) \
+         SELECT sha256(k::bytea), sha256('s'), sha256('f'), gen_random_uuid(), \
+           gen_random_uuid(), 'in_progress', now(), now() + e * interval '1 hour' \
+         FROM (VALUES ('old-expired', -1), ('old-live', 1)) AS v(k, e)"
+    ))
+    .await;
+    let catalog = |sql: &'static str| {
+        let (pool, quoted) = (pool.clone(), quoted.clone());
+        async move {
+            sqlx::query_scalar::<_, i64>(sql)
+                .bind(quoted)
+                .fetch_one(&pool)
+                .await
+                .expect("read the catalog")
+        }
+    };
+    let checks =
+        "SELECT count(*) FROM pg_constraint WHERE conrelid = $1::regclass AND contype = 'c'";
+    let indexed = "SELECT count(*) FROM pg_index i JOIN pg_attribute a \
+         ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indrelid = $1::regclass AND a.attname = 'expires_at'";
+    let purge_index = "SELECT count(*) FROM pg_index i JOIN pg_attribute a \
+         ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) \
+         WHERE i.indrelid = $1::regclass AND a.attname = 'purge_from'";
+    let before = (catalog(checks).await, catalog(indexed).await);
+    let (a, b) = tokio::join!(ledger.migrate(), ledger.migrate());
+    a.expect("migrate");
+    b.expect("migrate concurrently");
+    ledger.migrate().await.expect("migrate again");
+    let after = (
+        catalog(checks).await,
+        catalog(indexed).await,
+        catalog(purge_index).await,
+    );
+    let purged = ledger.purge_expired(10).await;
+    let left: Result<i64, _> =
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {quoted}")))
+            .fetch_one(&pool)
+            .await;
+    completed(&ledger, "k").await;
+    run(format!("DROP SCHEMA \"{schema}\" CASCADE")).await;
+    assert_eq!(
+        before,
+        (1, 1),
+        "0001 made the CHECK on state and the expiry index"
+    );
+    assert_eq!(
+        after,
+        (0, 0, 1),
+        "migrate drops both and indexes purge_from"
+    );
+    assert_eq!(
+        purged.expect("purge"),
+        1,
+        "the expired old record is purged"
+    );
+    assert_eq!(left.expect("count"), 1, "the live old record is kept");
+}
+
+/// A completion on PostgreSQL is a heap-only update (migration 0004, issue 18): it changes no
+/// indexed column, so PostgreSQL adds no index entries and writes a third less WAL. Counted by
+/// PostgreSQL's own statistics, on a one-connection pool so that they can be flushed.
+#[tokio::test]
+async fn postgres_a_completion_is_a_heap_only_update() {
+    let Some(table) = common::PgTable::create().await else {
+        return;
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&table.url)
+        .await
+        .expect("a one-connection pool");
+    let ledger = PostgresLedger::new(pool.clone())
+        .with_table(&table.name)
+        .expect("a valid name");
+    for i in 0..20 {
+        // Completed with the claim's retention, as the layer does (a shorter one lowers
+        // `purge_from`, an indexed column, and that update is not heap-only).
+        let first = request(&format!("k{i}"), "body");
+        let Claim::Acquired(lease) = ledger.claim(&first).await.expect("claim") else {
+            panic!("a fresh key is acquired")
+        };
+        ledger
+            .complete(
+                &first.key,
+                lease.token,
+                &sample_response(b"ok"),
+                first.retention,
+            )
+            .await
+            .expect("complete");
+    }
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(&pool)
+        .await
+        .expect("flush the statistics");
+    let mut counts = (0, 0);
+    for _ in 0..50 {
+        counts = sqlx::query_as::<_, (i64, i64)>(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relid = $1::regclass",
         )
         .bind(format!("\"{}\"", table.name))
-        .fetch_one(ledger.pool())
+        .fetch_one(&pool)
         .await
-        .expect("count the CHECK constraints")
-    };
-    // The table as migrations 0001 and 0002 made it.
-    for (_, sql) in ledger.migrations().iter().take(2) {
-        sqlx::raw_sql(AssertSqlSafe(sql.clone()))
-            .execute(ledger.pool())
-            .await
-            .expect("an earlier migration");
+        .expect("read the statistics");
+        if counts.0 >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(checks().await, 1, "0001 makes the CHECK on state");
-    ledger.migrate().await.expect("migrate");
-    assert_eq!(checks().await, 0, "migrate drops it");
-    ledger.migrate().await.expect("migrate again");
-    completed(ledger, "k").await;
+    pool.close().await;
     table.drop().await;
+    assert_eq!(counts, (20, 20), "(updates, heap-only updates)");
 }
 
 /// A PostgreSQL test that panics before `PgTable::drop` still removes its table (the `Drop` guard
@@ -619,7 +737,7 @@ async fn postgres_tables_with_a_long_common_prefix_each_get_their_indexes() {
         let indexes: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_indexes WHERE schemaname = current_schema() \
              AND tablename = $1 \
-             AND (indexdef LIKE '%(operation_id)' OR indexdef LIKE '%(expires_at)')",
+             AND (indexdef LIKE '%(operation_id)' OR indexdef LIKE '%(purge_from)')",
         )
         .bind(name)
         .fetch_one(&pool)

@@ -26,6 +26,9 @@ use crate::{
 ///   runs an `INSERT .. ON CONFLICT DO UPDATE .. WHERE .. RETURNING`. Complete, release and
 ///   renew are a single fenced `UPDATE`/`DELETE`. A first request costs two round trips, a
 ///   replay one read.
+/// - **A completion changes no indexed column**, so PostgreSQL writes it as a heap-only tuple
+///   with no new index entries: the purge's index is on `purge_from`, which the completion
+///   leaves as the claim set it (migration 0004; docs/operations.md).
 /// - **The database's clock** (`now()`) decides leases and expiry, so app instances whose clocks
 ///   disagree still agree on who holds a key.
 /// - **Waiting uses `LISTEN`/`NOTIFY`.** A waiter marks the record `watched`; completing or
@@ -132,8 +135,8 @@ fn claim_statement(t: &str, columns: &str, unflushed: bool) -> SqlStr {
              AND lease_until <= now() AND fingerprint = $3)), \
          claimed AS ( \
            INSERT INTO {t} AS r (key, scope, fingerprint, operation_id, token, state, \
-             lease_until, expires_at, status, headers, body, body_omitted) \
-           SELECT $1, $2, $3, $4, $5, '{IN_PROGRESS}', {lease}, {retention}, \
+             lease_until, expires_at, purge_from, status, headers, body, body_omitted) \
+           SELECT $1, $2, $3, $4, $5, '{IN_PROGRESS}', {lease}, {retention}, {retention}, \
              NULL, NULL, NULL, false \
            WHERE NOT EXISTS (SELECT 1 FROM live) {unflushed} \
            ON CONFLICT (key) DO UPDATE SET \
@@ -142,6 +145,7 @@ fn claim_statement(t: &str, columns: &str, unflushed: bool) -> SqlStr {
              scope = excluded.scope, fingerprint = excluded.fingerprint, \
              token = excluded.token, state = '{IN_PROGRESS}', \
              lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
+             purge_from = excluded.purge_from, \
              status = NULL, headers = NULL, body = NULL, body_omitted = false \
            WHERE r.expires_at <= now() OR (r.state = '{IN_PROGRESS}' \
              AND r.lease_until <= now() AND r.fingerprint = excluded.fingerprint) \
@@ -171,6 +175,10 @@ impl Backend for Postgres {
         (
             "0003_no_state_check",
             include_str!("../migrations/postgres/0003_no_state_check.sql"),
+        ),
+        (
+            "0004_purge_from",
+            include_str!("../migrations/postgres/0004_purge_from.sql"),
         ),
     ];
 
@@ -204,9 +212,13 @@ impl Backend for Postgres {
             // branch returns a row and the caller runs the statement again.
             claim: claim_statement(&t, columns, false),
             claim_before_transaction: claim_statement(&t, columns, true),
+            // `purge_from` changes only if this retention ends before the claim's: with no
+            // indexed column changed, PostgreSQL writes the completed row as a heap-only tuple,
+            // with no new index entries (migration 0004).
             complete: sql(format!(
                 "UPDATE {t} SET state = '{COMPLETED}', lease_until = NULL, status = $3, \
-                   headers = $4, body = $5, body_omitted = $6, expires_at = {retention} \
+                   headers = $4, body = $5, body_omitted = $6, expires_at = {retention}, \
+                   purge_from = LEAST(purge_from, {retention}) \
                  WHERE key = $1 AND token = $2 AND state = '{IN_PROGRESS}' \
                    AND expires_at > now() \
                  RETURNING {notify}",
@@ -229,13 +241,16 @@ impl Backend for Postgres {
                    lease_until <= now() AS lapsed FROM {t} \
                  WHERE operation_id = $1 AND scope = $2 AND expires_at > now()"
             )),
+            // The index is on `purge_from`, which every statement keeps at or before
+            // `expires_at` (migration 0004), so the expired records are among those it finds.
             // SKIP LOCKED leaves rows that a claim is replacing to the claim. The outer
             // `expires_at` test matters: if a claim replaces a row after the subquery picked it,
             // READ COMMITTED re-checks only the outer WHERE against the new row, and the key
             // alone would delete the fresh claim.
             purge: sql(format!(
                 "DELETE FROM {t} WHERE key IN \
-                   (SELECT key FROM {t} WHERE expires_at <= now() LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                   (SELECT key FROM {t} WHERE purge_from <= now() AND expires_at <= now() \
+                    LIMIT $1 FOR UPDATE SKIP LOCKED) \
                  AND expires_at <= now()"
             )),
             held: sql(format!(

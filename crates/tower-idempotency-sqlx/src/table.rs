@@ -85,6 +85,15 @@ impl TableName {
         }
     }
 
+    /// `name` quoted and qualified with the table's schema, if it has one: an object that lives
+    /// beside the table, such as one of its indexes.
+    pub(crate) fn sibling(&self, name: &str) -> String {
+        match &self.schema {
+            Some(schema) => format!("\"{schema}\".\"{name}\""),
+            None => format!("\"{name}\""),
+        }
+    }
+
     /// A name derived from the table's own (unqualified) name, at most 63 bytes (PostgreSQL's
     /// limit, past which it would silently truncate). A name that fits is `{table}{suffix}`; a
     /// longer one keeps a prefix of the table name and adds a hash of all of it, so that two
@@ -107,10 +116,20 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Fills the `{{table}}`, `{{operation_index}}` and `{{expires_index}}` placeholders of a shipped
-/// migration.
+/// Fills the placeholders of a shipped migration: `{{table}}`, and the names of its indexes
+/// (`{{operation_index}}`, `{{purge_index}}`, `{{expires_index}}`: unqualified, as `CREATE INDEX`
+/// takes them, which puts an index in its table's schema; `{{expires_index_qualified}}` with the
+/// table's schema, as `DROP INDEX` needs it).
 pub(crate) fn render_migration(sql: &str, table: &TableName) -> String {
     sql.replace("{{table}}", &table.quoted())
+        .replace(
+            "{{expires_index_qualified}}",
+            &table.sibling(&table.derived("_expires_at")),
+        )
+        .replace(
+            "{{purge_index}}",
+            &format!("\"{}\"", table.derived("_purge_from")),
+        )
         .replace(
             "{{operation_index}}",
             &format!("\"{}\"", table.derived("_operation_id")),
@@ -169,7 +188,7 @@ mod tests {
         let base = "t".repeat(58);
         let a = TableName::parse(&format!("{base}_a"), false).expect("valid");
         let b = TableName::parse(&format!("{base}_b"), false).expect("valid");
-        for suffix in ["_operation_id", "_expires_at"] {
+        for suffix in ["_operation_id", "_expires_at", "_purge_from"] {
             let (da, db) = (a.derived(suffix), b.derived(suffix));
             assert!(da.len() <= 63 && db.len() <= 63, "{da} {db}");
             assert!(da.ends_with(suffix));

@@ -1,8 +1,8 @@
 -- tower-idempotency-sqlx, PostgreSQL migration 0001: the records table and its indexes.
 --
--- `PostgresLedger::migrate` runs this with {{table}}, {{operation_index}} and {{expires_index}}
--- filled in (defaults: "idempotency_records", "idempotency_records_operation_id",
--- "idempotency_records_expires_at"), in one transaction under an advisory lock. Every statement
+-- `PostgresLedger::migrate` runs this with {{table}} and {{operation_index}} filled in (defaults:
+-- "idempotency_records", "idempotency_records_operation_id"), in one transaction under an
+-- advisory lock. Every statement
 -- is idempotent, so running it again, or from many app instances at once, is safe. To manage the
 -- schema with your own migration tool, copy this file and fill in the names yourself.
 CREATE TABLE IF NOT EXISTS {{table}} (
@@ -20,4 +20,6 @@ CREATE TABLE IF NOT EXISTS {{table}} (
     body_omitted boolean     NOT NULL DEFAULT false
 );
 CREATE UNIQUE INDEX IF NOT EXISTS {{operation_index}} ON {{table}} (operation_id);
-CREATE INDEX IF NOT EXISTS {{expires_index}} ON {{table}} (expires_at);
+-- Until migration 0004 this file also made an index on `expires_at` ({{expires_index}}); 0004
+-- drops it and indexes `purge_from` instead. It is no longer made here because `migrate()` runs
+-- every file at every start and would make it again.
