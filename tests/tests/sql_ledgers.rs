@@ -552,8 +552,8 @@ async fn postgres_migrate_upgrades_an_older_table() {
 }
 
 /// A completion on PostgreSQL is a heap-only update (migration 0004, issue 18): it changes no
-/// indexed column, so PostgreSQL adds no index entries and writes about a quarter less WAL. Counted by
-/// PostgreSQL's own statistics, on a one-connection pool so that they can be flushed.
+/// indexed column, so PostgreSQL adds no index entries and writes about a quarter less WAL.
+/// Counted by PostgreSQL's own statistics, on a one-connection pool so that they can be flushed.
 #[tokio::test]
 async fn postgres_a_completion_is_a_heap_only_update() {
     let Some(table) = common::PgTable::create().await else {
