@@ -8,6 +8,17 @@ use tower_idempotency_sqlx::sqlx::{self, AssertSqlSafe, postgres::PgPoolOptions}
 /// its own, giving up after a few seconds (a lock a failing test still holds would otherwise
 /// block the `DROP`) rather than hang the test. For a test's `Drop`, pass or fail.
 pub fn drop_table_blocking(url: String, table: String) {
+    execute_blocking(url, format!("DROP TABLE IF EXISTS \"{table}\""));
+}
+
+/// Drops `schema` and everything in it on `url`, blocking, as [`drop_table_blocking`] does.
+pub fn drop_schema_blocking(url: String, schema: String) {
+    execute_blocking(url, format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"));
+}
+
+/// Runs `sql` on `url` under a 5 s lock timeout, on a thread, runtime and connection of its own,
+/// and waits for it; errors are ignored (this is clean-up).
+fn execute_blocking(url: String, sql: String) {
     let cleanup = std::thread::spawn(move || {
         let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -23,10 +34,25 @@ pub fn drop_table_blocking(url: String, table: String) {
             let Ok(pool) = connect.await else {
                 return;
             };
-            let sql = format!("SET lock_timeout = '5s'; DROP TABLE IF EXISTS \"{table}\"");
+            let sql = format!("SET lock_timeout = '5s'; {sql}");
             let _ = sqlx::raw_sql(AssertSqlSafe(sql)).execute(&pool).await;
             pool.close().await;
         });
     });
     let _ = cleanup.join();
+}
+
+/// Drops its schema when dropped, pass or fail: for a test that makes a schema of its own.
+#[derive(Debug)]
+pub struct SchemaGuard {
+    /// The database.
+    pub url: String,
+    /// The schema to drop.
+    pub schema: String,
+}
+
+impl Drop for SchemaGuard {
+    fn drop(&mut self) {
+        drop_schema_blocking(self.url.clone(), self.schema.clone());
+    }
 }

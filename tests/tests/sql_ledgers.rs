@@ -442,6 +442,10 @@ async fn postgres_schema_qualified_table_migrates_idempotently() {
         .execute(&pool)
         .await
         .expect("create the schema");
+    let _cleanup = tower_idempotency_tests::pg::SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
     let ledger = PostgresLedger::new(pool.clone())
         .with_table(&format!("{schema}.records"))
         .expect("a qualified name");
@@ -451,10 +455,6 @@ async fn postgres_schema_qualified_table_migrates_idempotently() {
     b.expect("migrate concurrently");
     ledger.migrate().await.expect("migrate again");
     completed(&ledger, "k").await;
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
-        .execute(&pool)
-        .await
-        .expect("drop the schema");
 }
 
 /// `migrate()` upgrades a table made by an earlier release, in a schema of its own (the index it
@@ -479,6 +479,10 @@ async fn postgres_migrate_upgrades_an_older_table() {
         }
     };
     run(format!("CREATE SCHEMA \"{schema}\"")).await;
+    let _cleanup = tower_idempotency_tests::pg::SchemaGuard {
+        url: url.clone(),
+        schema: schema.clone(),
+    };
     let table = format!("{schema}.records");
     let quoted = format!("\"{schema}\".\"records\"");
     let ledger = PostgresLedger::new(pool.clone())
@@ -532,7 +536,6 @@ async fn postgres_migrate_upgrades_an_older_table() {
             .fetch_one(&pool)
             .await;
     completed(&ledger, "k").await;
-    run(format!("DROP SCHEMA \"{schema}\" CASCADE")).await;
     assert_eq!(
         before,
         (1, 1),
