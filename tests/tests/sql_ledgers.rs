@@ -458,10 +458,10 @@ async fn postgres_schema_qualified_table_migrates_idempotently() {
 }
 
 /// `migrate()` upgrades a table made by an earlier release, in a schema of its own (the index it
-/// drops must be named with the schema): migration 0003 drops the CHECK constraint on `state`
-/// (planned again in every write, issue 18), 0004 replaces the `expires_at` index with one on
-/// `purge_from` (so that a completion is a heap-only update), and records written before 0004
-/// are still purged once expired, and only then.
+/// drops must be named with the schema): migration 0003 drops 0001's CHECK constraint on `state`
+/// (planned again in every write, issue 18) and leaves an operator's own; 0004 replaces the
+/// `expires_at` index with one on `purge_from` (so that a completion is a heap-only update); and
+/// records written before 0004 are still purged once expired, and only then.
 #[tokio::test]
 async fn postgres_migrate_upgrades_an_older_table() {
     let Some(url) = common::database_url() else {
@@ -495,6 +495,7 @@ async fn postgres_migrate_upgrades_an_older_table() {
     }
     run(format!(
         "CREATE INDEX records_expires_at ON {quoted} (expires_at); \
+         ALTER TABLE {quoted} ADD CONSTRAINT operator_check CHECK (state <> ''); \
          INSERT INTO {quoted} (key, scope, fingerprint, operation_id, token, state, \
            lease_until, expires_at) \
          SELECT sha256(k::bytea), sha256('s'), sha256('f'), gen_random_uuid(), \
@@ -538,13 +539,13 @@ async fn postgres_migrate_upgrades_an_older_table() {
     completed(&ledger, "k").await;
     assert_eq!(
         before,
-        (1, 1),
-        "0001 made the CHECK on state and the expiry index"
+        (2, 1),
+        "0001's CHECK on state and an operator's own, and 0001's expiry index"
     );
     assert_eq!(
         after,
-        (0, 0, 1),
-        "migrate drops both and indexes purge_from"
+        (1, 0, 1),
+        "migrate drops 0001's CHECK (not the operator's) and the expiry index, and indexes purge_from"
     );
     assert_eq!(
         purged.expect("purge"),

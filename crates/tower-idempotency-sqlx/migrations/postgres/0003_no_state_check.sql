@@ -6,7 +6,9 @@
 -- about 6 % of it (docs/benchmarks.md, "Issue 18, third pass"). The ledger writes `state` only as
 -- the constants of its own statements, and a record whose state is neither `in_progress` nor
 -- `completed` is refused when read (`LedgerError::Corrupt`), so nothing is replayed from it.
--- Idempotent, like 0001: once the constraint is gone this finds nothing and takes no lock.
+-- Only 0001's constraint is dropped (its definition names `state` and both values); a CHECK of
+-- your own on the table stays. Idempotent, like 0001: once the constraint is gone this finds
+-- nothing and takes no lock.
 DO $$
 DECLARE
     constraint_name name;
@@ -14,7 +16,7 @@ BEGIN
     FOR constraint_name IN
         SELECT conname FROM pg_constraint
         WHERE conrelid = '{{table}}'::regclass AND contype = 'c'
-          AND pg_get_constraintdef(oid) LIKE '%state%'
+          AND pg_get_constraintdef(oid) LIKE '%state%in_progress%completed%'
     LOOP
         EXECUTE format('ALTER TABLE {{table}} DROP CONSTRAINT %I', constraint_name);
     END LOOP;
