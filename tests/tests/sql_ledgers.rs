@@ -1032,3 +1032,103 @@ async fn futures_join<T: Send + 'static>(
     }
     out
 }
+
+/// Issue 18: once most claims find a stored record, the default ledger (`ReadFirst::Adaptive`)
+/// answers a replay with a plain `SELECT`, not the claim statement (whose `INSERT` PostgreSQL
+/// sets up even when it inserts nothing). Shown by privileges: a role that may only `SELECT`
+/// from the table gets a replay from a ledger that reads first, and a permission error from one
+/// that runs the claim statement. A first request still runs the claim statement.
+#[tokio::test]
+async fn postgres_a_replay_in_a_retry_storm_is_a_plain_read() {
+    let Some(table) = common::PgTable::create().await else {
+        return;
+    };
+    let admin = table.ledger.pool().clone();
+    let reader = format!("{}_reader", table.name);
+    for sql in [
+        format!("CREATE ROLE \"{reader}\" NOLOGIN"),
+        format!("GRANT SELECT ON \"{}\" TO \"{reader}\"", table.name),
+    ] {
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .expect("a read-only role");
+    }
+    // One connection, so that `SET ROLE` applies to every statement the ledgers run.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&table.url)
+        .await
+        .expect("a one-connection pool");
+    let role = |name: Option<&str>| {
+        let sql = name.map_or_else(|| "RESET ROLE".to_owned(), |r| format!("SET ROLE \"{r}\""));
+        let pool = pool.clone();
+        async move {
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(&pool)
+                .await
+                .expect("set the role");
+        }
+    };
+    let adaptive = PostgresLedger::new(pool.clone())
+        .with_table(&table.name)
+        .expect("a valid name");
+    let never = PostgresLedger::new(pool.clone())
+        .with_table(&table.name)
+        .expect("a valid name")
+        .with_read_first(tower_idempotency_sqlx::ReadFirst::Never);
+    let first = completed(&adaptive, "replay").await;
+    let replayed = |claim: &Result<Claim, LedgerError>| {
+        matches!(
+            claim,
+            Ok(Claim::Existing(tower_idempotency_core::Existing {
+                state: RecordState::Completed(_),
+                ..
+            }))
+        )
+    };
+
+    // A ledger that has seen no replays claims first: the reader may not run the claim.
+    role(Some(&reader)).await;
+    let cold = adaptive.claim(&first).await;
+    role(None).await;
+    // A retry storm: every claim finds the stored response.
+    for _ in 0..100 {
+        assert!(replayed(&adaptive.claim(&first).await));
+        assert!(replayed(&never.claim(&first).await));
+    }
+    role(Some(&reader)).await;
+    let storm = adaptive.claim(&first).await;
+    let claim_first = never.claim(&first).await;
+    let fresh = adaptive.claim(&request("fresh", "body")).await;
+    role(None).await;
+    pool.close().await;
+    for sql in [
+        format!("REVOKE ALL ON \"{}\" FROM \"{reader}\"", table.name),
+        format!("DROP ROLE \"{reader}\""),
+    ] {
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&admin)
+            .await
+            .expect("drop the role");
+    }
+    table.drop().await;
+
+    let denied = |claim: &Result<Claim, LedgerError>| {
+        matches!(claim, Err(LedgerError::Backend(_)))
+            && format!("{:?}", claim).contains("permission denied")
+    };
+    assert!(denied(&cold), "a cold ledger read first: {cold:?}");
+    assert!(
+        replayed(&storm),
+        "the replay ran the claim statement: {storm:?}"
+    );
+    assert!(
+        denied(&claim_first),
+        "ReadFirst::Never read first: {claim_first:?}"
+    );
+    assert!(
+        denied(&fresh),
+        "a first request did not run the claim: {fresh:?}"
+    );
+}

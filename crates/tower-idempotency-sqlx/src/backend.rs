@@ -43,6 +43,12 @@ pub trait Backend: Database {
     /// Adds the backend's own fields to the ledger's `Debug`.
     fn debug_extra(extra: &Self::Extra, f: &mut fmt::DebugStruct<'_, '_>);
 
+    /// Keeps the settings of `from` in `to`, the state prepared for another table
+    /// (`with_table`). Default: nothing to keep.
+    fn carry(from: &Self::Extra, to: &mut Self::Extra) {
+        let _ = (from, to);
+    }
+
     /// Runs first in the migration transaction (PostgreSQL: an advisory lock, so that app
     /// instances starting together do not race).
     fn before_migrations(

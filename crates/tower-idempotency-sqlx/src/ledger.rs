@@ -60,7 +60,7 @@ impl<DB: Backend> SqlLedger<DB> {
         Self::with(pool, TableName::default_name())
     }
 
-    fn with(pool: Pool<DB>, table: TableName) -> Self {
+    pub(crate) fn with(pool: Pool<DB>, table: TableName) -> Self {
         let (sql, extra) = DB::prepare(&pool, &table);
         Self {
             pool,
@@ -87,7 +87,12 @@ impl<DB: Backend> SqlLedger<DB> {
     /// # Ok(()) }
     /// ```
     pub fn with_table(self, name: &str) -> Result<Self, TableNameError> {
-        Ok(Self::with(self.pool, TableName::parse(name, DB::SCHEMAS)?))
+        let table = TableName::parse(name, DB::SCHEMAS)?;
+        let mut ledger = Self::with(self.pool, table);
+        if let Some(extra) = Arc::get_mut(&mut ledger.extra) {
+            DB::carry(&self.extra, extra);
+        }
+        Ok(ledger)
     }
 
     /// The table's name, as given.
@@ -134,7 +139,7 @@ where
 {
     /// A claim statement (`claim` or `claim_before_transaction`) with the request bound, as
     /// every backend binds it.
-    fn claim_query(
+    pub(crate) fn claim_query(
         &self,
         sql: &SqlStr,
         request: &ClaimRequest,

@@ -15,6 +15,7 @@ use crate::{
     backend::{Backend, Statements, statement},
     ledger::acquired,
     listener::{self, Notifier},
+    read_first::{ReadFirst, ReplayShare},
     row::{self, COMPLETED, IN_PROGRESS},
     table::TableName,
 };
@@ -70,17 +71,22 @@ use crate::{
 /// doubles the round trips of every ledger call). See docs/operations.md.
 pub type PostgresLedger = SqlLedger<Postgres>;
 
-/// The PostgreSQL ledger's own state: the statement that marks a record watched (`1` key), and
-/// the listener.
+/// The PostgreSQL ledger's own state: the statement that marks a record watched (`1` key), the
+/// listener, and whether claims read first (`live`: `1` key, `3` fingerprint; see
+/// [`ReadFirst`]).
 pub struct Listening {
     watch: SqlStr,
     notifier: Notifier,
+    live: SqlStr,
+    read_first: ReadFirst,
+    replays: ReplayShare,
 }
 
 impl fmt::Debug for Listening {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Listening")
             .field("channel", &self.notifier.channel())
+            .field("read_first", &self.read_first)
             .finish_non_exhaustive()
     }
 }
@@ -280,7 +286,23 @@ impl Backend for Postgres {
              AND expires_at > now() AND lease_until > now() RETURNING token"
         ));
         let notifier = listener::notifier(pool, channel);
-        (statements, Listening { watch, notifier })
+        // The claim statement's `live` read on its own (`ReadFirst`). It is bound as the claim
+        // is (`claim_query`); `$2` and `$4` to `$7` go unused, their types given by the binds.
+        let live = sql(format!(
+            "SELECT {columns}, \
+               (extract(epoch FROM expires_at - now()) * 1000)::bigint AS expires_in \
+             FROM {t} \
+             WHERE key = $1 AND expires_at > now() AND NOT (state = '{IN_PROGRESS}' \
+               AND lease_until <= now() AND fingerprint = $3)"
+        ));
+        let extra = Listening {
+            watch,
+            notifier,
+            live,
+            read_first: ReadFirst::default(),
+            replays: ReplayShare::default(),
+        };
+        (statements, extra)
     }
 
     fn rows_affected(done: &PgQueryResult) -> u64 {
@@ -289,6 +311,12 @@ impl Backend for Postgres {
 
     fn debug_extra(extra: &Listening, f: &mut fmt::DebugStruct<'_, '_>) {
         f.field("channel", &extra.notifier.channel());
+        f.field("read_first", &extra.read_first);
+        f.field("replay_share", &extra.replays.get());
+    }
+
+    fn carry(from: &Listening, to: &mut Listening) {
+        to.read_first = from.read_first;
     }
 
     async fn before_migrations(
@@ -302,8 +330,30 @@ impl Backend for Postgres {
             .map(drop)
     }
 
+    /// With [`ReadFirst`] saying so, the claim statement's `live` read as a plain `SELECT`.
+    async fn live_record(
+        ledger: &PostgresLedger,
+        request: &ClaimRequest,
+    ) -> Result<Option<Claim>, LedgerError> {
+        let extra = &ledger.extra;
+        if !extra.replays.reads_first(extra.read_first) {
+            return Ok(None);
+        }
+        let Some(found) = ledger
+            .claim_query(&extra.live, request)
+            .fetch_optional(&ledger.pool)
+            .await
+            .map_err(row::error)?
+        else {
+            // The claim statement runs next, and `claimed` counts its outcome.
+            return Ok(None);
+        };
+        extra.replays.record(true);
+        Ok(Some(Claim::Existing(row::existing(&found)?)))
+    }
+
     async fn claimed(
-        _: &PostgresLedger,
+        ledger: &PostgresLedger,
         request: &ClaimRequest,
         found: Option<PgRow>,
     ) -> Result<Option<Claim>, LedgerError> {
@@ -312,6 +362,7 @@ impl Backend for Postgres {
             return Ok(None);
         };
         let won: bool = found.try_get("won").map_err(row::error)?;
+        ledger.extra.replays.record(!won);
         Ok(Some(if won {
             acquired(request, row::uuid(&found, "operation_id")?)
         } else {
@@ -351,6 +402,29 @@ impl Backend for Postgres {
 }
 
 impl PostgresLedger {
+    /// Whether a claim reads the key's record with a plain `SELECT` before it runs the claim
+    /// statement. Default: [`ReadFirst::Adaptive`], which reads first only while most recent
+    /// claims found a stored record (a retry storm): a replay then costs PostgreSQL a plain read
+    /// instead of the claim statement, whose `INSERT` it sets up even when nothing is inserted.
+    /// Either way a claim means the same; see [`ReadFirst`].
+    ///
+    /// ```
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// # let pool = tower_idempotency_sqlx::sqlx::PgPool::connect_lazy("postgres://localhost/app")?;
+    /// use tower_idempotency_sqlx::{PostgresLedger, ReadFirst};
+    ///
+    /// // Every claim one round trip, whatever the traffic.
+    /// let ledger = PostgresLedger::new(pool).with_read_first(ReadFirst::Never);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_read_first(self, policy: ReadFirst) -> Self {
+        let mut ledger = Self::with(self.pool, self.table);
+        if let Some(extra) = std::sync::Arc::get_mut(&mut ledger.extra) {
+            extra.read_first = policy;
+        }
+        ledger
+    }
+
     /// Connects a pool to `url` (10 connections, no ping before each use) and makes a ledger on
     /// it. The table is not created: call [`migrate`](Self::migrate).
     ///

@@ -111,6 +111,13 @@ impl PgTable {
         })
     }
 
+    /// [`create`](Self::create)'s table, its ledger reading first as `policy` says.
+    pub(crate) async fn reading_first(policy: tower_idempotency_sqlx::ReadFirst) -> Option<Self> {
+        let mut table = Self::create().await?;
+        table.ledger = table.ledger.clone().with_read_first(policy);
+        Some(table)
+    }
+
     /// Drops the table and closes the pool.
     pub(crate) async fn drop(mut self) {
         let pool = self.ledger.pool().clone();
