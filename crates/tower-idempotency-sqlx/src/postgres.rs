@@ -186,6 +186,10 @@ impl Backend for Postgres {
             "0004_purge_from",
             include_str!("../migrations/postgres/0004_purge_from.sql"),
         ),
+        (
+            "0005_keep_pages",
+            include_str!("../migrations/postgres/0005_keep_pages.sql"),
+        ),
     ];
 
     type Extra = Listening;
