@@ -1033,26 +1033,33 @@ async fn futures_join<T: Send + 'static>(
     out
 }
 
-/// Issue 18: once most claims find a stored record, the default ledger (`ReadFirst::Adaptive`)
-/// answers a replay with a plain `SELECT`, not the claim statement (whose `INSERT` PostgreSQL
-/// sets up even when it inserts nothing). Shown by privileges: a role that may only `SELECT`
-/// from the table gets a replay from a ledger that reads first, and a permission error from one
-/// that runs the claim statement. A first request still runs the claim statement.
+/// Issue 18: the default ledger (`ClaimStrategy::Adaptive`) claims a key nobody has used with a
+/// plain `INSERT`, and once most claims find a stored record (a retry storm) answers a replay
+/// with a plain `SELECT`; the claim statement (whose `INSERT .. ON CONFLICT DO UPDATE`
+/// PostgreSQL sets up even when it neither inserts nor updates) runs only when those guess wrong.
+/// Shown by privileges: a role without `UPDATE` can claim a fresh key by the plain insert but
+/// cannot run the claim statement; a role with only `SELECT` gets a replay by the plain read.
 #[tokio::test]
-async fn postgres_a_replay_in_a_retry_storm_is_a_plain_read() {
+async fn postgres_the_claim_path_follows_the_mix_of_claims() {
     let Some(table) = common::PgTable::create().await else {
         return;
     };
     let admin = table.ledger.pool().clone();
-    let reader = format!("{}_reader", table.name);
+    let reader = format!("{}_r", table.name);
+    let inserter = format!("{}_i", table.name);
     for sql in [
         format!("CREATE ROLE \"{reader}\" NOLOGIN"),
+        format!("CREATE ROLE \"{inserter}\" NOLOGIN"),
         format!("GRANT SELECT ON \"{}\" TO \"{reader}\"", table.name),
+        format!(
+            "GRANT SELECT, INSERT ON \"{}\" TO \"{inserter}\"",
+            table.name
+        ),
     ] {
         sqlx::query(AssertSqlSafe(sql))
             .execute(&admin)
             .await
-            .expect("a read-only role");
+            .expect("the roles");
     }
     // One connection, so that `SET ROLE` applies to every statement the ledgers run.
     let pool = sqlx::postgres::PgPoolOptions::new()
@@ -1070,14 +1077,15 @@ async fn postgres_a_replay_in_a_retry_storm_is_a_plain_read() {
                 .expect("set the role");
         }
     };
-    let adaptive = PostgresLedger::new(pool.clone())
-        .with_table(&table.name)
-        .expect("a valid name");
-    let never = PostgresLedger::new(pool.clone())
-        .with_table(&table.name)
-        .expect("a valid name")
-        .with_read_first(tower_idempotency_sqlx::ReadFirst::Never);
-    let first = completed(&adaptive, "replay").await;
+    let ledger = |strategy| {
+        PostgresLedger::new(pool.clone())
+            .with_table(&table.name)
+            .expect("a valid name")
+            .with_claim_strategy(strategy)
+    };
+    use tower_idempotency_sqlx::ClaimStrategy;
+    let adaptive = ledger(ClaimStrategy::Adaptive);
+    let combined = ledger(ClaimStrategy::Combined);
     let replayed = |claim: &Result<Claim, LedgerError>| {
         matches!(
             claim,
@@ -1088,48 +1096,65 @@ async fn postgres_a_replay_in_a_retry_storm_is_a_plain_read() {
         )
     };
 
-    // A ledger that has seen no replays claims first: the reader may not run the claim.
-    role(Some(&reader)).await;
-    let cold = adaptive.claim(&first).await;
+    // Ordinary traffic: a first request is the plain insert.
+    role(Some(&inserter)).await;
+    let first = request("replay", "body");
+    let inserted = adaptive.claim(&first).await;
+    let combined_fresh = combined.claim(&request("other", "body")).await;
     role(None).await;
+    if let Ok(Claim::Acquired(lease)) = &inserted {
+        adaptive
+            .complete(&first.key, lease.token, &sample_response(b"ok"), LONG)
+            .await
+            .expect("complete");
+    }
     // A retry storm: every claim finds the stored response.
     for _ in 0..100 {
         assert!(replayed(&adaptive.claim(&first).await));
-        assert!(replayed(&never.claim(&first).await));
     }
     role(Some(&reader)).await;
     let storm = adaptive.claim(&first).await;
-    let claim_first = never.claim(&first).await;
-    let fresh = adaptive.claim(&request("fresh", "body")).await;
+    let combined_replay = combined.claim(&first).await;
+    let fresh_in_storm = adaptive.claim(&request("fresh", "body")).await;
     role(None).await;
     pool.close().await;
     for sql in [
-        format!("REVOKE ALL ON \"{}\" FROM \"{reader}\"", table.name),
-        format!("DROP ROLE \"{reader}\""),
+        format!(
+            "REVOKE ALL ON \"{}\" FROM \"{reader}\", \"{inserter}\"",
+            table.name
+        ),
+        format!("DROP ROLE \"{reader}\", \"{inserter}\""),
     ] {
         sqlx::query(AssertSqlSafe(sql))
             .execute(&admin)
             .await
-            .expect("drop the role");
+            .expect("drop the roles");
     }
     table.drop().await;
 
     let denied = |claim: &Result<Claim, LedgerError>| {
         matches!(claim, Err(LedgerError::Backend(_)))
-            && format!("{:?}", claim).contains("permission denied")
+            && format!("{claim:?}").contains("permission denied")
     };
-    assert!(denied(&cold), "a cold ledger read first: {cold:?}");
+    assert!(
+        matches!(inserted, Ok(Claim::Acquired(_))),
+        "a first request ran the claim statement: {inserted:?}"
+    );
+    assert!(
+        denied(&combined_fresh),
+        "ClaimStrategy::Combined inserted first: {combined_fresh:?}"
+    );
     assert!(
         replayed(&storm),
         "the replay ran the claim statement: {storm:?}"
     );
     assert!(
-        denied(&claim_first),
-        "ReadFirst::Never read first: {claim_first:?}"
+        denied(&combined_replay),
+        "ClaimStrategy::Combined read first: {combined_replay:?}"
     );
     assert!(
-        denied(&fresh),
-        "a first request did not run the claim: {fresh:?}"
+        denied(&fresh_in_storm),
+        "in a retry storm a first request did not run the claim statement: {fresh_in_storm:?}"
     );
 }
 

@@ -56,14 +56,18 @@ pub trait Backend: Database {
         table: &TableName,
     ) -> impl Future<Output = Result<(), sqlx::Error>> + Send;
 
-    /// Before the claim statement: the record this claim cannot take (a replay, a 409, a 422),
-    /// read without writing, or `None` to go on with the claim. Default: `None` (the claim
-    /// statement itself reads it without writing, as PostgreSQL's does).
-    fn live_record(
+    /// Before the claim statement: a claim decided by a cheaper statement (SQLite: the record
+    /// this claim cannot take, read without writing; PostgreSQL: that, or the key taken by a plain
+    /// insert, as its [`ClaimStrategy`](crate::ClaimStrategy) says), or `None` to go on with the
+    /// claim statement. `before_transaction`: the claim is
+    /// [`claim_before_transaction`](tower_idempotency_core::TransactionalLedger::claim_before_transaction)'s.
+    /// Default: `None`.
+    fn before_claim(
         ledger: &SqlLedger<Self>,
         request: &ClaimRequest,
+        before_transaction: bool,
     ) -> impl Future<Output = Result<Option<Claim>, LedgerError>> + Send {
-        let _ = (ledger, request);
+        let _ = (ledger, request, before_transaction);
         async { Ok(None) }
     }
 

@@ -205,15 +205,20 @@ where
         }
     }
 
-    /// A claim by `sql` (`claim` or `claim_before_transaction`).
+    /// A claim by the `claim` statement, or by `claim_before_transaction` if `before_transaction`.
     pub(crate) async fn claim_with(
         &self,
-        sql: &SqlStr,
+        before_transaction: bool,
         request: &ClaimRequest,
     ) -> Result<Claim, LedgerError> {
-        if let Some(live) = DB::live_record(self, request).await? {
-            return Ok(live);
+        if let Some(decided) = DB::before_claim(self, request, before_transaction).await? {
+            return Ok(decided);
         }
+        let sql = if before_transaction {
+            &self.sql.claim_before_transaction
+        } else {
+            &self.sql.claim
+        };
         for _ in 0..CLAIM_ATTEMPTS {
             let found = self
                 .write(Write::fetch(self.claim_query(sql, request)))
@@ -288,7 +293,7 @@ where
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
-        self.claim_with(&self.sql.claim, request).await
+        self.claim_with(false, request).await
     }
 
     async fn complete(

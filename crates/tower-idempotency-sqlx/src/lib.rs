@@ -12,7 +12,8 @@
 //! [conformance suite](https://docs.rs/tower-idempotency-core/latest/tower_idempotency_core/conformance/)
 //! of the [`Ledger`] contract. A claim is
 //! one atomic `INSERT .. ON CONFLICT DO UPDATE .. WHERE .. RETURNING` statement (on PostgreSQL,
-//! preceded by a plain read while most claims are replays: [`ReadFirst`]); complete,
+//! preceded by a plain insert or a plain read, as the mix of recent claims suggests:
+//! [`ClaimStrategy`]); complete,
 //! release and renew are fenced by the token in their `WHERE` clause. Expired records are deleted
 //! in batches by [`Ledger::purge_expired`]; spawn [`purge_periodically`] to run it. The schema,
 //! clocks and operational notes are in `docs/operations.md`.
@@ -91,22 +92,22 @@ mod tx;
 mod writer;
 
 #[cfg(feature = "postgres")]
+mod claim_strategy;
+#[cfg(feature = "postgres")]
 mod listener;
 #[cfg(feature = "postgres")]
 mod postgres;
-#[cfg(feature = "postgres")]
-mod read_first;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use claim_strategy::ClaimStrategy;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use ledger::SqlLedger;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresLedger;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use read_first::ReadFirst;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub use sqlite::SqliteLedger;

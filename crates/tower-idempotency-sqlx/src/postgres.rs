@@ -13,9 +13,9 @@ use tower_idempotency_core::{Claim, ClaimRequest, LedgerError, LedgerKey};
 use crate::{
     SqlLedger,
     backend::{Backend, Statements, statement},
+    claim_strategy::{ClaimStrategy, First, ReplayShare},
     ledger::acquired,
     listener::{self, Notifier},
-    read_first::{ReadFirst, ReplayShare},
     row::{self, COMPLETED, IN_PROGRESS},
     table::TableName,
 };
@@ -72,13 +72,17 @@ use crate::{
 pub type PostgresLedger = SqlLedger<Postgres>;
 
 /// The PostgreSQL ledger's own state: the statement that marks a record watched (`1` key), the
-/// listener, and whether claims read first (`live`: `1` key, `3` fingerprint; see
-/// [`ReadFirst`]).
+/// listener, and how claims go ([`ClaimStrategy`]: the plain statements, bound as the claim is,
+/// and the share of recent claims that found a record).
 pub struct Listening {
     watch: SqlStr,
     notifier: Notifier,
-    live: SqlStr,
-    read_first: ReadFirst,
+    /// The claim statement's read on its own.
+    read: SqlStr,
+    /// The claim statement's insert on its own, plain and for exactly-once mode.
+    insert: SqlStr,
+    insert_before_transaction: SqlStr,
+    strategy: ClaimStrategy,
     replays: ReplayShare,
 }
 
@@ -86,7 +90,7 @@ impl fmt::Debug for Listening {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Listening")
             .field("channel", &self.notifier.channel())
-            .field("read_first", &self.read_first)
+            .field("strategy", &self.strategy)
             .finish_non_exhaustive()
     }
 }
@@ -162,6 +166,27 @@ fn claim_statement(t: &str, columns: &str, unflushed: bool) -> SqlStr {
         lease = from_now(6),
         retention = from_now(7),
         unflushed = if unflushed { UNFLUSHED } else { "" },
+    ))
+}
+
+/// The claim statement's insert on its own (`ClaimStrategy::InsertFirst`): a new record if the
+/// key has none, nothing otherwise (then the claim statement runs). Bound as the claim is;
+/// `unflushed`: as in exactly-once mode's claim.
+fn insert_statement(t: &str, unflushed: bool) -> SqlStr {
+    statement(format!(
+        "INSERT INTO {t} (key, scope, fingerprint, operation_id, token, state, lease_until, \
+           expires_at, purge_from) \
+         SELECT $1, $2, $3, $4, $5, '{IN_PROGRESS}', {lease}, {retention}, {retention} \
+         {unflushed} \
+         ON CONFLICT (key) DO NOTHING \
+         RETURNING operation_id",
+        lease = from_now(6),
+        retention = from_now(7),
+        unflushed = if unflushed {
+            "WHERE set_config('synchronous_commit', 'off', true) IS NOT NULL"
+        } else {
+            ""
+        },
     ))
 }
 
@@ -290,9 +315,9 @@ impl Backend for Postgres {
              AND expires_at > now() AND lease_until > now() RETURNING token"
         ));
         let notifier = listener::notifier(pool, channel);
-        // The claim statement's `live` read on its own (`ReadFirst`). It is bound as the claim
-        // is (`claim_query`); `$2` and `$4` to `$7` go unused, their types given by the binds.
-        let live = sql(format!(
+        // The claim statement's `live` read on its own (`ClaimStrategy::ReadFirst`). It is bound
+        // as the claim is (`claim_query`); `$2` and `$4` to `$7` go unused, typed by the binds.
+        let read = sql(format!(
             "SELECT {columns}, \
                (extract(epoch FROM expires_at - now()) * 1000)::bigint AS expires_in \
              FROM {t} \
@@ -302,8 +327,10 @@ impl Backend for Postgres {
         let extra = Listening {
             watch,
             notifier,
-            live,
-            read_first: ReadFirst::default(),
+            read,
+            insert: insert_statement(&t, false),
+            insert_before_transaction: insert_statement(&t, true),
+            strategy: ClaimStrategy::default(),
             replays: ReplayShare::default(),
         };
         (statements, extra)
@@ -315,12 +342,12 @@ impl Backend for Postgres {
 
     fn debug_extra(extra: &Listening, f: &mut fmt::DebugStruct<'_, '_>) {
         f.field("channel", &extra.notifier.channel());
-        f.field("read_first", &extra.read_first);
+        f.field("claim_strategy", &extra.strategy);
         f.field("replay_share", &extra.replays.get());
     }
 
     fn carry(from: &Listening, to: &mut Listening) {
-        to.read_first = from.read_first;
+        to.strategy = from.strategy;
     }
 
     async fn before_migrations(
@@ -334,26 +361,38 @@ impl Backend for Postgres {
             .map(drop)
     }
 
-    /// With [`ReadFirst`] saying so, the claim statement's `live` read as a plain `SELECT`.
-    async fn live_record(
+    /// As the [`ClaimStrategy`] says: the claim statement's insert on its own (the key is ours if
+    /// it inserts), or its read on its own (the record this claim cannot take, if there is one).
+    /// Otherwise the claim statement runs next, and `claimed` counts its outcome.
+    async fn before_claim(
         ledger: &PostgresLedger,
         request: &ClaimRequest,
+        before_transaction: bool,
     ) -> Result<Option<Claim>, LedgerError> {
         let extra = &ledger.extra;
-        if !extra.replays.reads_first(extra.read_first) {
-            return Ok(None);
-        }
-        let Some(found) = ledger
-            .claim_query(&extra.live, request)
+        let (sql, first) = match extra.replays.first(extra.strategy) {
+            First::Claim => return Ok(None),
+            First::Read => (&extra.read, First::Read),
+            First::Insert if before_transaction => {
+                (&extra.insert_before_transaction, First::Insert)
+            }
+            First::Insert => (&extra.insert, First::Insert),
+        };
+        let found = ledger
+            .claim_query(sql, request)
             .fetch_optional(&ledger.pool)
             .await
-            .map_err(row::error)?
-        else {
-            // The claim statement runs next, and `claimed` counts its outcome.
+            .map_err(row::error)?;
+        let Some(found) = found else {
             return Ok(None);
         };
-        extra.replays.record(true);
-        Ok(Some(Claim::Existing(row::existing(&found)?)))
+        Ok(Some(if first == First::Insert {
+            extra.replays.record(false);
+            acquired(request, row::uuid(&found, "operation_id")?)
+        } else {
+            extra.replays.record(true);
+            Claim::Existing(row::existing(&found)?)
+        }))
     }
 
     async fn claimed(
@@ -406,25 +445,26 @@ impl Backend for Postgres {
 }
 
 impl PostgresLedger {
-    /// Whether a claim reads the key's record with a plain `SELECT` before it runs the claim
-    /// statement. Default: [`ReadFirst::Adaptive`], which reads first only while most recent
-    /// claims found a stored record (a retry storm): a replay then costs PostgreSQL a plain read
-    /// instead of the claim statement, whose `INSERT` it sets up even when nothing is inserted.
-    /// Either way a claim means the same; see [`ReadFirst`].
+    /// How a claim goes: the claim statement alone, or first a plain insert or a plain read,
+    /// each cheaper for the database than the claim statement when it guesses right and one more
+    /// round trip when it does not. Default: [`ClaimStrategy::Adaptive`], which guesses from what
+    /// the ledger's recent claims found: mostly nothing (ordinary traffic), insert first; mostly
+    /// a stored record (a retry storm), read first. Every strategy means the same claim; see
+    /// [`ClaimStrategy`].
     ///
     /// ```
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
     /// # let pool = tower_idempotency_sqlx::sqlx::PgPool::connect_lazy("postgres://localhost/app")?;
-    /// use tower_idempotency_sqlx::{PostgresLedger, ReadFirst};
+    /// use tower_idempotency_sqlx::{ClaimStrategy, PostgresLedger};
     ///
     /// // Every claim one round trip, whatever the traffic.
-    /// let ledger = PostgresLedger::new(pool).with_read_first(ReadFirst::Never);
+    /// let ledger = PostgresLedger::new(pool).with_claim_strategy(ClaimStrategy::Combined);
     /// # Ok(()) }
     /// ```
-    pub fn with_read_first(self, policy: ReadFirst) -> Self {
+    pub fn with_claim_strategy(self, strategy: ClaimStrategy) -> Self {
         let mut ledger = Self::with(self.pool, self.table);
         if let Some(extra) = std::sync::Arc::get_mut(&mut ledger.extra) {
-            extra.read_first = policy;
+            extra.strategy = strategy;
         }
         ledger
     }

@@ -235,9 +235,10 @@ impl Backend for Sqlite {
     /// A replay, a 409 or a 422 reads its record and writes nothing: no turn in the writer
     /// queue, no write lock. A claim that finds nothing goes on to the `INSERT`, whose
     /// `ON CONFLICT .. WHERE` still decides atomically if another claim got there in between.
-    async fn live_record(
+    async fn before_claim(
         ledger: &SqliteLedger,
         request: &ClaimRequest,
+        _: bool,
     ) -> Result<Option<Claim>, LedgerError> {
         sqlx::query(ledger.extra.live.clone())
             .bind(&request.key.as_bytes()[..])

@@ -31,8 +31,7 @@ where
     /// On PostgreSQL, the claim's commit does not wait for its WAL flush; the handler's commit
     /// waits for it instead (see `postgres.rs`). On SQLite, the plain claim.
     async fn claim_before_transaction(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
-        self.claim_with(&self.sql.claim_before_transaction, request)
-            .await
+        self.claim_with(true, request).await
     }
 
     /// Begins in a task of its own, so that a caller that stops waiting (the layer's ledger

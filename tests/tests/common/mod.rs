@@ -111,10 +111,12 @@ impl PgTable {
         })
     }
 
-    /// [`create`](Self::create)'s table, its ledger reading first as `policy` says.
-    pub(crate) async fn reading_first(policy: tower_idempotency_sqlx::ReadFirst) -> Option<Self> {
+    /// [`create`](Self::create)'s table, its ledger claiming by `strategy`.
+    pub(crate) async fn with_strategy(
+        strategy: tower_idempotency_sqlx::ClaimStrategy,
+    ) -> Option<Self> {
         let mut table = Self::create().await?;
-        table.ledger = table.ledger.clone().with_read_first(policy);
+        table.ledger = table.ledger.clone().with_claim_strategy(strategy);
         Some(table)
     }
 
