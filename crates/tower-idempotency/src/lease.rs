@@ -222,37 +222,54 @@ pub(crate) async fn release<L: Ledger>(shared: &Shared<L>, key: &LedgerKey, toke
 }
 
 /// A claim the layer stopped waiting for (the ledger timeout) may still have taken effect: its
-/// answer was late (a slow round trip, a Redis Cluster's index write after the claim). Gives the
-/// key back in the background, fenced by the claim's token, so that retries do not get 409 until
-/// the lease lapses. A claim that never took effect makes the release find nothing; one that
-/// commits only after the release (its statement still running in the database) keeps the key
-/// until its lease lapses, as before.
+/// answer was late (a slow round trip, a Redis Cluster's index write after the claim), or it is
+/// still queued in the ledger (a statement waiting behind a lock, or for a slow disk) and commits
+/// later. Gives the key back in the background, fenced by the claim's token, so that retries do
+/// not get 409 until the lease lapses: at once, then again after one ledger timeout, two, four and
+/// so on for as long as `lease_ends` is ahead, until a release finds the claim. A claim that never
+/// took effect makes every release find nothing (a few cheap calls); one that commits before the
+/// lease ends is given back by the next try after it.
 pub(crate) fn release_timed_out_claim<L: Ledger>(
     shared: std::sync::Arc<Shared<L>>,
     key: LedgerKey,
     token: FencingToken,
+    lease_ends: Instant,
 ) {
     // Bounded like every ledger call, but not through the breaker's door: its answer says
     // nothing about the claims that timed out (a ledger whose claims hang may still answer
     // releases), and must not close a breaker they opened.
     tokio::spawn(async move {
         let after = shared.config.ledger_timeout();
-        let call = shared.ledger.release(&key, token);
-        let span = tracing::info_span!(
-            "idempotency.ledger",
-            operation = "release",
-            ledger = shared.ledger.name()
-        );
-        match tokio::time::timeout(after, call.instrument(span)).await {
-            Ok(Ok(())) => tracing::debug!("gave back a key whose claim timed out"),
-            Ok(Err(LedgerError::LeaseLost)) => {}
-            Ok(Err(error)) => tracing::warn!(
-                %error,
-                "giving back a key whose claim timed out failed; it frees itself when the lease expires"
-            ),
-            Err(_) => tracing::warn!(
-                "giving back a key whose claim timed out did not finish in time; it frees itself when the lease expires"
-            ),
+        let mut pause = after;
+        loop {
+            let call = shared.ledger.release(&key, token);
+            let span = tracing::info_span!(
+                "idempotency.ledger",
+                operation = "release",
+                ledger = shared.ledger.name()
+            );
+            let failed = match tokio::time::timeout(after, call.instrument(span)).await {
+                Ok(Ok(())) => {
+                    tracing::debug!("gave back a key whose claim timed out");
+                    return;
+                }
+                // Nothing with this token: the claim has not taken effect, or never will.
+                Ok(Err(LedgerError::LeaseLost)) => None,
+                Ok(Err(error)) => Some(error.to_string()),
+                Err(_) => Some("the release timed out".to_owned()),
+            };
+            let next = Instant::now().checked_add(pause);
+            let Some(next) = next.filter(|next| *next < lease_ends) else {
+                if let Some(error) = failed {
+                    tracing::warn!(
+                        %error,
+                        "giving back a key whose claim timed out failed; it frees itself when the lease expires"
+                    );
+                }
+                return;
+            };
+            tokio::time::sleep_until(next).await;
+            pause = pause.saturating_mul(2);
         }
     });
 }

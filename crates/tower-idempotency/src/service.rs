@@ -253,7 +253,8 @@ where
             if let Err(LedgerError::Timeout { .. }) = claimed {
                 // It may have taken effect after all: give the key back rather than leave it
                 // claimed with no handler (whether or not the client is still there).
-                lease::release_timed_out_claim(shared.clone(), ledger_key, claim.token);
+                let lease_ends = LeaseClock::new(config, claimed_at).expires;
+                lease::release_timed_out_claim(shared.clone(), ledger_key, claim.token, lease_ends);
             }
             if phase.detached() {
                 // The client left while the claim was answered: give back a key won for nobody,

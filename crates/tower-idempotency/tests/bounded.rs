@@ -48,22 +48,32 @@ async fn a_stalled_renewal_never_runs_a_live_handler_twice() {
     }
 }
 
+/// A faulty memory ledger's switches, a handler-run counter, and the payments app behind a layer
+/// with a 30 s lease and a 500 ms ledger timeout.
+fn lease_30s_timeout_500ms() -> (
+    std::sync::Arc<tower_idempotency_core::conformance::Faults>,
+    Runs,
+    axum::Router,
+) {
+    let ledger = Faulty::default();
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::builder(ledger.clone())
+        .with_lease(Duration::from_secs(30))
+        .with_ledger_timeout(Duration::from_millis(500))
+        .build()
+        .expect("valid settings");
+    let app = payments(runs.clone(), Duration::ZERO).layer(layer);
+    (ledger.faults(), runs, app)
+}
+
 /// The claim took effect in the ledger but its answer came after the layer's ledger timeout (a
 /// slow round trip, a Redis Cluster's index write): the request is answered 503, and the key
 /// must not stay claimed with no handler, or every retry would get 409 until the lease lapsed.
 /// The layer gives it back (fenced by the claim's token), so the retry runs the handler, once.
 #[tokio::test(start_paused = true)]
 async fn a_claim_answered_after_the_ledger_timeout_does_not_strand_the_key() {
-    let ledger = Faulty::default();
-    let faults = ledger.faults();
+    let (faults, runs, app) = lease_30s_timeout_500ms();
     faults.delay_answers(Op::Claim, Duration::from_millis(800));
-    let runs = Runs::default();
-    let layer = IdempotencyLayer::builder(ledger.clone())
-        .with_lease(Duration::from_secs(30))
-        .with_ledger_timeout(Duration::from_millis(500))
-        .build()
-        .unwrap();
-    let app = payments(runs.clone(), Duration::ZERO).layer(layer);
     let (first, _) = send(&app, pay("slow-claim", "{}")).await;
     assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
     faults.delay_answers(Op::Claim, Duration::ZERO);
@@ -77,6 +87,38 @@ async fn a_claim_answered_after_the_ledger_timeout_does_not_strand_the_key() {
         String::from_utf8_lossy(&body)
     );
     assert_eq!(runs.get(), 1);
+}
+
+/// The claim was still queued in the ledger when the layer stopped waiting (a statement behind a
+/// lock, a slow disk) and took effect only after the layer's first release had found nothing:
+/// the layer tries the release again while the lease lasts, so a retry well inside the lease runs
+/// the handler, once, instead of getting 409 until the lease lapses.
+#[tokio::test(start_paused = true)]
+async fn a_claim_that_takes_effect_after_its_release_does_not_strand_the_key() {
+    let (faults, runs, app) = lease_30s_timeout_500ms();
+    faults.delay_claim_effects(Duration::from_millis(800));
+    let (first, _) = send(&app, pay("late-claim", "{}")).await;
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    faults.delay_claim_effects(Duration::ZERO);
+    // The claim took effect at 800 ms, after the release at 500 ms; well inside the 30 s lease.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (retry, body) = send(&app, pay("late-claim", "{}")).await;
+    assert_eq!(
+        retry.status(),
+        StatusCode::CREATED,
+        "the key stayed claimed by the late claim: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(runs.get(), 1);
+    // A claim that never takes effect costs a few releases while the lease lasts, not more.
+    faults.stall_next(Op::Claim, 1);
+    let (stalled, _) = send(&app, pay("never", "{}")).await;
+    assert_eq!(stalled.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let before = faults.calls(Op::Release);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let releases = faults.calls(Op::Release) - before;
+    // At 0.5 s (the timeout), then 1, 2, 4, 8 and 16 s later; the next would be past 30 s.
+    assert!((1..=7).contains(&releases), "{releases} releases");
 }
 
 /// Every claim hangs: each covered request is answered 503 within the ledger timeout, the breaker

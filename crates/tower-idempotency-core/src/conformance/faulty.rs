@@ -59,6 +59,7 @@ pub struct Faults {
     fail_next: [AtomicUsize; OPS],
     stall_next: [AtomicUsize; OPS],
     answer_delay_ms: [AtomicU64; OPS],
+    claim_effect_delay_ms: AtomicU64,
     calls: [AtomicUsize; OPS],
 }
 
@@ -96,6 +97,14 @@ impl Faults {
     pub fn delay_answers(&self, op: Op, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         self.answer_delay_ms[op.index()].store(ms, Ordering::SeqCst);
+    }
+
+    /// Every claim takes effect `delay` after it is made, whether or not its caller still waits,
+    /// and answers then: a statement queued in the database (behind a lock, or a slow disk) that
+    /// commits after the client gave up on it. Zero turns it off.
+    pub fn delay_claim_effects(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.claim_effect_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// While on, renewals answer `Ok` without renewing: a holder stalled by a pause or a
@@ -156,8 +165,8 @@ fn take_one(counter: &AtomicUsize) -> bool {
 }
 
 /// Any ledger, with faults on command: fail every call or the next few of one kind, stall a call
-/// for ever, answer late, drop renewals; and a count of calls by kind. Its clones share one
-/// [`Faults`].
+/// for ever, answer late, take effect late, drop renewals; and a count of calls by kind. Its
+/// clones share one [`Faults`] and the wrapped ledger.
 ///
 /// ```
 /// use std::time::Duration;
@@ -169,17 +178,25 @@ fn take_one(counter: &AtomicUsize) -> bool {
 /// faults.delay_answers(Op::Claim, Duration::from_millis(50));
 /// assert_eq!(faults.calls(Op::Claim), 0);
 /// ```
-#[derive(Clone)]
 pub struct FaultyLedger<L> {
-    inner: L,
+    inner: Arc<L>,
     faults: Arc<Faults>,
+}
+
+impl<L> Clone for FaultyLedger<L> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            faults: self.faults.clone(),
+        }
+    }
 }
 
 impl<L> FaultyLedger<L> {
     /// `inner`, with every fault off.
     pub fn new(inner: L) -> Self {
         Self {
-            inner,
+            inner: Arc::new(inner),
             faults: Arc::default(),
         }
     }
@@ -216,7 +233,21 @@ impl<L: Ledger> Ledger for FaultyLedger<L> {
     }
 
     async fn claim(&self, request: &ClaimRequest) -> Result<Claim, LedgerError> {
-        self.faults.call(Op::Claim, self.inner.claim(request)).await
+        let ms = self.faults.claim_effect_delay_ms.load(Ordering::SeqCst);
+        if ms == 0 {
+            return self.faults.call(Op::Claim, self.inner.claim(request)).await;
+        }
+        // In a task of its own, so that a caller that stops waiting does not stop it.
+        let (inner, request) = (self.inner.clone(), request.clone());
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            inner.claim(&request).await
+        });
+        let call = async {
+            late.await
+                .unwrap_or_else(|error| Err(LedgerError::backend(error)))
+        };
+        self.faults.call(Op::Claim, call).await
     }
 
     async fn complete(
