@@ -14,7 +14,9 @@
 # Settings: BENCH_SECS (5), BENCH_ROUNDS (3), BENCH_CONNS (32), GROWTH_SECS (60), GROWTH_WINDOW (5),
 # DATABASE_URL (the PostgreSQL variants are left out when empty), BENCH_ONLY (a comma-separated list of
 # variants: memory, sqlite, postgres, postgres-cached, postgres-tx (exactly-once mode), redis (REDIS_URL), axum-idempotent, axum-idempotent-pg,
-# idempotent), BENCH_PATHS (fresh or replay; both by default), BENCH_HANDLER=json (every
+# idempotent), BENCH_PATHS (fresh, replay or mixed; fresh and replay by default; mixed: BENCH_MIX percent
+# replays, default 10, spread among first requests), BENCH_PG_STRATEGY (combined, insert or read: the
+# PostgreSQL ledger variants' ClaimStrategy; the default, adaptive, otherwise), BENCH_HANDLER=json (every
 # variant's handler parses the JSON body instead of ignoring it), BENCH_PG_POOL (the PostgreSQL pool size of
 # the ledger variants and of the PostgreSQL peer alike; default 10), BENCH_DB_DELAY_US (when > 0, every
 # variant reaches PostgreSQL and Redis through a TCP proxy in the bench process that delays each chunk

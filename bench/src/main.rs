@@ -311,8 +311,21 @@ fn pg_pool_size() -> u32 {
     env_u64("BENCH_PG_POOL", 10) as u32
 }
 
-/// `PostgresLedger::connect`, or with `BENCH_PG_POOL` the same settings on a pool of that size.
+/// [`postgres_pool_ledger`], claiming as `BENCH_PG_STRATEGY` says (`combined`, `insert`, `read`;
+/// the default strategy otherwise).
 async fn postgres_ledger(url: &str) -> PostgresLedger {
+    use tower_idempotency_sqlx::ClaimStrategy;
+    let ledger = postgres_pool_ledger(url).await;
+    match std::env::var("BENCH_PG_STRATEGY").as_deref() {
+        Ok("combined") => ledger.with_claim_strategy(ClaimStrategy::Combined),
+        Ok("insert") => ledger.with_claim_strategy(ClaimStrategy::InsertFirst),
+        Ok("read") => ledger.with_claim_strategy(ClaimStrategy::ReadFirst),
+        _ => ledger,
+    }
+}
+
+/// `PostgresLedger::connect`, or with `BENCH_PG_POOL` the same settings on a pool of that size.
+async fn postgres_pool_ledger(url: &str) -> PostgresLedger {
     use std::str::FromStr;
     use tower_idempotency_sqlx::sqlx::postgres::{PgConnectOptions, PgPoolOptions};
     if std::env::var("BENCH_PG_POOL").is_err() {
@@ -713,6 +726,14 @@ enum Path {
     Fresh,
     /// Keys from a small pool, each executed once first: every measured request is a replay.
     Replay,
+    /// `BENCH_MIX` percent of the requests (default 10) replays as on the replay path, spread
+    /// evenly, the rest fresh: traffic in which the ledger's claims mostly find no record.
+    Mixed,
+}
+
+/// The percentage of replays on the mixed path (`BENCH_MIX`, 0 to 100; default 10).
+fn mix_percent() -> u64 {
+    env_u64("BENCH_MIX", 10).min(100)
 }
 
 /// Keys per connection on the replay path.
@@ -739,6 +760,8 @@ struct Load {
     addr: SocketAddr,
     variant: Variant,
     path: Path,
+    /// Percent of replays on the mixed path.
+    mix: u64,
     run: String,
     body: Bytes,
     counters: Arc<Counters>,
@@ -794,6 +817,14 @@ async fn connection(load: Arc<Load>, conn: usize) -> Vec<u32> {
                 let first_pass = (n as usize) < REPLAY_KEYS;
                 (format!("{}-{conn}-r{slot}", load.run), Some(!first_pass))
             }
+            // The n-th request replays when n × mix / 100 steps up: `mix` in every 100, spread.
+            Path::Mixed if (n + 1) * load.mix / 100 != n * load.mix / 100 => {
+                let replays = n * load.mix / 100;
+                let slot = replays as usize % REPLAY_KEYS;
+                let first_pass = (replays as usize) < REPLAY_KEYS;
+                (format!("{}-{conn}-r{slot}", load.run), Some(!first_pass))
+            }
+            Path::Mixed => (format!("{}-{conn}-{n}", load.run), Some(false)),
         };
         n += 1;
         let mut request = Request::post("/payments")
@@ -903,6 +934,7 @@ async fn measure(
         addr: server.addr,
         variant,
         path,
+        mix: mix_percent(),
         run: run.to_owned(),
         body: body(),
         counters: Arc::default(),
@@ -1022,6 +1054,7 @@ async fn compare() -> bool {
     let paths: Vec<Path> = match std::env::var("BENCH_PATHS").as_deref() {
         Ok("fresh") => vec![Path::Fresh],
         Ok("replay") => vec![Path::Replay],
+        Ok("mixed") => vec![Path::Mixed],
         _ => vec![Path::Fresh, Path::Replay],
     };
     for path in paths {
@@ -1194,6 +1227,7 @@ fn path_tag(path: Path) -> &'static str {
     match path {
         Path::Fresh => "fresh",
         Path::Replay => "replay",
+        Path::Mixed => "mixed",
     }
 }
 
@@ -1210,6 +1244,7 @@ async fn growth() -> bool {
         addr: server.addr,
         variant: Variant::Memory,
         path: Path::Fresh,
+        mix: 0,
         run: run.clone(),
         body: body(),
         counters: Arc::default(),
@@ -1304,10 +1339,10 @@ async fn main() {
                 "a variant: bare, memory, sqlite, postgres, postgres-cached, postgres-tx, axum-idempotent, \
                      axum-idempotent-pg, idempotent",
             );
-            let path = if arg(3) == "replay" {
-                Path::Replay
-            } else {
-                Path::Fresh
+            let path = match arg(3).as_str() {
+                "replay" => Path::Replay,
+                "mixed" => Path::Mixed,
+                _ => Path::Fresh,
             };
             let secs = env_u64("BENCH_SECS", 5);
             let conns = env_u64("BENCH_CONNS", 32) as usize;

@@ -1109,7 +1109,7 @@ async fn postgres_the_claim_path_follows_the_mix_of_claims() {
             .expect("complete");
     }
     // A retry storm: every claim finds the stored response.
-    for _ in 0..100 {
+    for _ in 0..200 {
         assert!(replayed(&adaptive.claim(&first).await));
     }
     role(Some(&reader)).await;
