@@ -56,3 +56,30 @@ impl Drop for SchemaGuard {
         drop_schema_blocking(self.url.clone(), self.schema.clone());
     }
 }
+
+/// Drops its roles (and revokes what was granted to them) when dropped, pass or fail: for a test
+/// that makes roles of its own. Roles are cluster-wide, so a leaked one outlives the database.
+#[derive(Debug)]
+pub struct RoleGuard {
+    /// The database.
+    pub url: String,
+    /// The roles to drop.
+    pub roles: Vec<String>,
+}
+
+impl Drop for RoleGuard {
+    fn drop(&mut self) {
+        for role in &self.roles {
+            let literal = role.replace('\'', "''");
+            let ident = role.replace('"', "\"\"");
+            execute_blocking(
+                self.url.clone(),
+                format!(
+                    "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = '{literal}') THEN \
+                       EXECUTE 'DROP OWNED BY \"{ident}\"'; EXECUTE 'DROP ROLE \"{ident}\"'; \
+                     END IF; END $$"
+                ),
+            );
+        }
+    }
+}
