@@ -300,7 +300,9 @@ impl<L: Ledger> CachedLedger<L> {
         if let Some(existing) = self.cache.get(&request.key, now) {
             return Ok(Claim::Existing(existing));
         }
-        let claim = claim(&self.inner).await?;
+        // Boxed, so that a hit's future does not carry the inner ledger's (see `Ledger`'s docs):
+        // the allocation is made only on a miss, which costs a round trip anyway.
+        let claim = Box::pin(claim(&self.inner)).await?;
         if let Claim::Existing(existing) = &claim {
             self.cache.insert(request.key, existing, now);
         }

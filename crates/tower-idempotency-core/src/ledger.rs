@@ -84,6 +84,15 @@ impl ClaimRequest {
 /// The operator calls ([`inspect`](Self::inspect), [`stuck`](Self::stuck),
 /// [`force_release`](Self::force_release), [`evict`](Self::evict)) are for on-call tools, not the
 /// request path; a ledger that cannot offer one keeps its default.
+///
+/// # Keep the request path's futures small
+///
+/// The layer holds the futures of [`claim`](Self::claim), [`complete`](Self::complete),
+/// [`release`](Self::release) and [`renew`](Self::renew) inline in each request's state, which
+/// every request allocates and moves. A client library's query future can be kilobytes: box it
+/// inside the call (`Box::pin(query).await`). One allocation per round trip costs far less than
+/// a larger state on every request, replays from a cache included. The shipped SQL and Redis
+/// ledgers do so; [`MemoryLedger`](crate::MemoryLedger)'s futures are small and stay inline.
 pub trait Ledger: Send + Sync + 'static {
     /// A short name for traces and metrics, such as `"memory"` or `"postgres"`.
     fn name(&self) -> &'static str;

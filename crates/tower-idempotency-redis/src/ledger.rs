@@ -94,13 +94,18 @@ impl RedisLedger {
         format!("{}op:{{{}}}", self.inner.prefix, id.simple())
     }
 
-    async fn call<T>(
+    /// `f`, bounded by the call timeout and boxed: redis-rs's futures make a call's future
+    /// several KB, and the layer holds a claim's future inline in every request's state (see
+    /// `Ledger`'s docs); one allocation per round trip costs less than moving that state.
+    fn call<T>(
         &self,
-        f: impl Future<Output = Result<T, LedgerError>>,
-    ) -> Result<T, LedgerError> {
-        tokio::time::timeout(self.inner.call_timeout, f)
-            .await
-            .unwrap_or_else(|elapsed| Err(LedgerError::backend(elapsed)))
+        f: impl Future<Output = Result<T, LedgerError>> + Send,
+    ) -> impl Future<Output = Result<T, LedgerError>> + Send {
+        let call = tokio::time::timeout(self.inner.call_timeout, f);
+        Box::pin(async move {
+            call.await
+                .unwrap_or_else(|elapsed| Err(LedgerError::backend(elapsed)))
+        })
     }
 
     async fn invoke<T: FromRedisValue>(

@@ -90,7 +90,12 @@ impl Cache {
             shard.bytes -= size;
             return None;
         }
-        entry.visited = true;
+        // Written only when it changes: a hit then leaves the entry's memory unmodified, and
+        // the other cores' copies of it valid (a profile showed a write per hit costing a cache
+        // miss on the next core's hit).
+        if !entry.visited {
+            entry.visited = true;
+        }
         Some(Existing {
             fingerprint: entry.fingerprint,
             operation_id: entry.operation_id,
