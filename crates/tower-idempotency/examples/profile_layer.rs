@@ -1,6 +1,7 @@
 //! Not an example of use: a fixed workload for profiling the layer's own cost with callgrind
 //! (instruction counts do not depend on machine load): `N` fresh requests then `N` replays
-//! through `IdempotencyLayer`. The examples to read are `quick_start.rs` here and
+//! through `IdempotencyLayer` (`bare`: no layer; `cached`: replays through a `CachedLedger` in
+//! front of the memory ledger, as a shared ledger's replays would be). The examples to read are `quick_start.rs` here and
 //! `tower-idempotency-sqlx`'s `examples/`.
 //!
 //! ```sh
@@ -18,7 +19,7 @@ use axum::{
 };
 use http_body_util::BodyExt;
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryLedger};
+use tower_idempotency::{CachedLedger, IdempotencyLayer, MemoryLedger};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -39,6 +40,9 @@ fn main() {
     );
     let app = match mode.as_str() {
         "bare" => handler,
+        "cached" => handler.layer(IdempotencyLayer::new(
+            CachedLedger::new(MemoryLedger::new()),
+        )),
         _ => handler.layer(IdempotencyLayer::new(MemoryLedger::new())),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -47,7 +51,7 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         for i in 0..n {
-            let key = if mode == "replay" {
+            let key = if mode == "replay" || mode == "cached" {
                 "same".to_owned()
             } else {
                 format!("k-{i}")
