@@ -1,8 +1,8 @@
 //! Not an example of use: a fixed workload for profiling the layer's own cost with callgrind
 //! (instruction counts do not depend on machine load): `N` fresh requests then `N` replays
 //! through `IdempotencyLayer` (`bare`: no layer; `cached`: replays through a `CachedLedger` in
-//! front of the memory ledger, as a shared ledger's replays would be). The examples to read are `quick_start.rs` here and
-//! `tower-idempotency-sqlx`'s `examples/`.
+//! front of the memory ledger, as a shared ledger's replays would be). The examples to read are
+//! `quick_start.rs` here and `tower-idempotency-sqlx`'s `examples/`.
 //!
 //! ```sh
 //! CARGO_PROFILE_RELEASE_DEBUG=true cargo build --release -p tower-idempotency --example profile_layer
