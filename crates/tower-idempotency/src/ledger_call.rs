@@ -10,7 +10,7 @@ use std::{
 };
 
 use pin_project_lite::pin_project;
-use tokio::time::Timeout;
+use tokio::{task::Unconstrained, time::Sleep};
 use tower_idempotency_core::{Ledger, LedgerError};
 use tracing::{Instrument, instrument::Instrumented};
 
@@ -73,6 +73,14 @@ pin_project! {
     /// which would hold the wrapped call twice (as a capture, then as the awaited value): the
     /// claim's state is part of every request's future (see `handle` in service.rs, and
     /// docs/benchmarks.md).
+    ///
+    /// Its timer is armed when the call first answers `Pending`, for the ledger timeout from
+    /// then: a call that answers at its first poll (a [`CachedLedger`] hit, a `MemoryLedger`)
+    /// never creates one. A tokio timer costs a clock read and a clone of the runtime's handle,
+    /// shared between its worker threads: about 0.6 % of a cached replay's server CPU in a
+    /// profile (docs/benchmarks.md, "Issue 18, sixth pass").
+    ///
+    /// [`CachedLedger`]: tower_idempotency_core::CachedLedger
     pub(crate) struct LedgerCall<'a, L, F> {
         shared: &'a Shared<L>,
         operation: &'static str,
@@ -80,7 +88,11 @@ pin_project! {
         started: Option<Instant>,
         // `None`: refused by the breaker.
         #[pin]
-        inner: Option<Instrumented<Timeout<F>>>,
+        inner: Option<Instrumented<F>>,
+        // Polled without tokio's cooperative budget, as `tokio::time::Timeout` does when the
+        // call has used it up: a call that always exhausts it must still time out. Boxed: only a
+        // call that waits (a round trip) allocates it, and a request's state stays small.
+        timer: Option<Pin<Box<Unconstrained<Sleep>>>>,
     }
 
     impl<L, F> PinnedDrop for LedgerCall<'_, L, F> {
@@ -104,19 +116,26 @@ impl<L: Ledger, F: Future<Output = T>, T: Answer> Future for LedgerCall<'_, L, F
             return Poll::Ready(T::refused());
         };
         let started = *this.started.get_or_insert_with(Instant::now);
-        let output = std::task::ready!(inner.poll(cx));
         let (shared, operation) = (*this.shared, *this.operation);
         let config = &shared.config;
-        let result = output.unwrap_or_else(|_elapsed| {
-            let after = config.ledger_timeout();
-            tracing::warn!(
-                operation,
-                ?after,
-                "the idempotency ledger did not answer in time"
-            );
-            config.telemetry.ledger_timeout(operation);
-            T::timed_out(operation, after)
-        });
+        let result = match inner.poll(cx) {
+            Poll::Ready(output) => output,
+            Poll::Pending => {
+                let timer = this.timer.get_or_insert_with(|| {
+                    let timer = tokio::time::sleep(config.ledger_timeout());
+                    Box::pin(tokio::task::unconstrained(timer))
+                });
+                std::task::ready!(timer.as_mut().poll(cx));
+                let after = config.ledger_timeout();
+                tracing::warn!(
+                    operation,
+                    ?after,
+                    "the idempotency ledger did not answer in time"
+                );
+                config.telemetry.ledger_timeout(operation);
+                T::timed_out(operation, after)
+            }
+        };
         config
             .telemetry
             .ledger_latency(shared.ledger.name(), operation, started.elapsed());
@@ -144,7 +163,7 @@ impl<L: Ledger> Shared<L> {
         let inner = (permit != Permit::Refused).then(|| {
             let span =
                 tracing::info_span!("idempotency.ledger", operation, ledger = self.ledger.name());
-            tokio::time::timeout(config.ledger_timeout(), call).instrument(span)
+            call.instrument(span)
         });
         LedgerCall {
             shared: self,
@@ -152,6 +171,7 @@ impl<L: Ledger> Shared<L> {
             permit,
             started: None,
             inner,
+            timer: None,
         }
     }
 

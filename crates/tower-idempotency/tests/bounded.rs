@@ -48,6 +48,39 @@ async fn a_stalled_renewal_never_runs_a_live_handler_twice() {
     }
 }
 
+/// A ledger call is bounded by a timer armed only when the call first waits: one answered at
+/// its first poll (a `MemoryLedger`, a `CachedLedger` hit) creates none. Shown on a runtime
+/// without tokio's timer, where creating one panics ("timers are disabled"): the replay there is
+/// served. Before, every call created its timer up front (a clock read and a clone of the
+/// runtime's shared handle, about 1 % of a cached replay's CPU), and this test panicked. The
+/// timer still fires for a call that waits: the tests above and below with hung ledgers.
+#[test]
+fn a_ledger_call_answered_at_once_arms_no_timer() {
+    let runs = Runs::default();
+    let app = payments(runs.clone(), Duration::ZERO).layer(IdempotencyLayer::new(
+        tower_idempotency::CachedLedger::new(tower_idempotency::MemoryLedger::new()),
+    ));
+    let timed = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    // The first request runs its handler, whose lease renewal needs the timer; its replay is
+    // the first claim to find the completed record, and caches it.
+    for _ in 0..2 {
+        let (response, _) = timed.block_on(send(&app, pay("no-timer", "{}")));
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    let untimed = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (replay, body) = untimed.block_on(send(&app, pay("no-timer", "{}")));
+    assert_eq!(replay.status(), StatusCode::CREATED);
+    assert!(is_replay(&replay), "{body:?}");
+    let (reused, body) = untimed.block_on(send(&app, pay("no-timer", r#"{"other":1}"#)));
+    assert_problem(&reused, &body, 422, "key-reused", "no-timer");
+    assert_eq!(runs.get(), 1);
+}
+
 /// A faulty memory ledger's switches, a handler-run counter, and the payments app behind a layer
 /// with a 30 s lease and a 500 ms ledger timeout.
 fn lease_30s_timeout_500ms() -> (
