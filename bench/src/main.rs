@@ -3,9 +3,10 @@
 //! Starts each server variant in this process on an ephemeral 127.0.0.1 port (bare axum, the
 //! layer on each ledger, peer crates), drives it with keep-alive HTTP/1.1 connections sending a
 //! 1 KiB JSON body (with `BENCH_BODY=small`, issue 18's `{"amount":1000}`) to a trivial handler
-//! (or, with `BENCH_HANDLER=json`, one that parses the body), on the fresh path (every key new) and on the replay path (keys reused), and prints requests per
-//! second, latency p50 and p99, server CPU per request, PostgreSQL WAL bytes per request (for the
-//! variants on PostgreSQL) and the ratios to bare axum measured in the same round.
+//! (or, with `BENCH_HANDLER=json`, one that parses the body), on the fresh path (every key new)
+//! and on the replay path (keys reused), and prints requests per second, latency p50 and p99,
+//! server CPU per request, PostgreSQL WAL bytes per request (for the variants on PostgreSQL) and
+//! the ratios to bare axum measured in the same round.
 //! `growth` keeps unique-key load on one `MemoryLedger` server and reports each window.
 //!
 //! ```sh

@@ -52,7 +52,7 @@ async fn a_stalled_renewal_never_runs_a_live_handler_twice() {
 /// its first poll (a `MemoryLedger`, a `CachedLedger` hit) creates none. Shown on a runtime
 /// without tokio's timer, where creating one panics ("timers are disabled"): the replay there is
 /// served. Before, every call created its timer up front (a clock read and a clone of the
-/// runtime's shared handle, about 1 % of a cached replay's CPU), and this test panicked. The
+/// runtime's shared handle, 0.6 % of a cached replay's server CPU), and this test panicked. The
 /// timer still fires for a call that waits: the tests above and below with hung ledgers.
 #[test]
 fn a_ledger_call_answered_at_once_arms_no_timer() {
