@@ -316,10 +316,15 @@ fn pg_pool_size() -> u32 {
 }
 
 /// [`postgres_pool_ledger`], claiming as `BENCH_PG_STRATEGY` says (`combined`, `insert`, `read`;
-/// the default strategy otherwise).
+/// the default strategy otherwise); `BENCH_PG_BATCH=0` writes every completion alone.
 async fn postgres_ledger(url: &str) -> PostgresLedger {
     use tower_idempotency_sqlx::ClaimStrategy;
     let ledger = postgres_pool_ledger(url).await;
+    let ledger = if std::env::var("BENCH_PG_BATCH").as_deref() == Ok("0") {
+        ledger.with_batched_completions(false)
+    } else {
+        ledger
+    };
     match std::env::var("BENCH_PG_STRATEGY").as_deref() {
         Ok("combined") => ledger.with_claim_strategy(ClaimStrategy::Combined),
         Ok("insert") => ledger.with_claim_strategy(ClaimStrategy::InsertFirst),

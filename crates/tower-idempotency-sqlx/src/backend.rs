@@ -4,7 +4,9 @@
 use std::{fmt, time::Duration};
 
 use sqlx::{Database, Pool, SqlStr};
-use tower_idempotency_core::{Claim, ClaimRequest, LedgerError, LedgerKey};
+use tower_idempotency_core::{
+    Claim, ClaimRequest, FencingToken, LedgerError, LedgerKey, StoredResponse,
+};
 
 use crate::{
     SqlLedger,
@@ -79,6 +81,20 @@ pub trait Backend: Database {
     ) -> impl Future<Output = Result<Written<Self>, LedgerError>> + Send {
         let _ = (ledger, write);
         async { Err(LedgerError::backend("this database has no group commit")) }
+    }
+
+    /// The completion by the backend's own path (PostgreSQL: in a batch with the completions
+    /// that wait for a connection with it, `completions.rs`), or `None` for the shared one, the
+    /// `complete` statement on the pool. Default: `None`.
+    fn complete_batched(
+        ledger: &SqlLedger<Self>,
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Option<impl Future<Output = Result<(), LedgerError>> + Send + 'static> {
+        let _ = (ledger, key, token, response, retention);
+        None::<std::future::Ready<Result<(), LedgerError>>>
     }
 
     /// The outcome of one run of the `claim` statement, from the row it returned: `None` if it

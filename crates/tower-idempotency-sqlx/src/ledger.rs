@@ -308,6 +308,9 @@ where
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<(), LedgerError> {
+        if let Some(batched) = DB::complete_batched(self, key, token, response, retention) {
+            return Box::pin(batched).await;
+        }
         let complete = self.complete_query(key, token, response, retention);
         row::fenced(Box::pin(self.write(Write::execute(complete))).await?.rows())
     }

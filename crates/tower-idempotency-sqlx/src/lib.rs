@@ -94,6 +94,8 @@ mod writer;
 #[cfg(feature = "postgres")]
 mod claim_strategy;
 #[cfg(feature = "postgres")]
+mod completions;
+#[cfg(feature = "postgres")]
 mod listener;
 #[cfg(feature = "postgres")]
 mod postgres;
