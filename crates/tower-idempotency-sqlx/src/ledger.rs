@@ -308,8 +308,10 @@ where
         response: &StoredResponse,
         retention: Duration,
     ) -> Result<(), LedgerError> {
-        if let Some(batched) = DB::complete_batched(self, key, token, response, retention) {
-            return Box::pin(batched).await;
+        // Boxed where it is made, so that the request's state holds a pointer, not the future.
+        let batched = DB::complete_batched(self, key, token, response, retention).map(Box::pin);
+        if let Some(batched) = batched {
+            return batched.await;
         }
         let complete = self.complete_query(key, token, response, retention);
         row::fenced(Box::pin(self.write(Write::execute(complete))).await?.rows())
