@@ -17,7 +17,8 @@
 # variants: memory, sqlite, postgres, postgres-cached, postgres-tx (exactly-once mode), redis (REDIS_URL), axum-idempotent, axum-idempotent-pg,
 # idempotent), BENCH_PATHS (fresh, replay or mixed; fresh and replay by default; mixed: BENCH_MIX percent
 # replays, default 10, spread among first requests), BENCH_PG_STRATEGY (combined, insert or read: the
-# PostgreSQL ledger variants' ClaimStrategy; the default, adaptive, otherwise), BENCH_HANDLER=json (every
+# PostgreSQL ledger variants' ClaimStrategy; the default, adaptive, otherwise), BENCH_PG_BATCH=0 (the
+# PostgreSQL ledger variants write every completion alone: with_batched_completions(false)), BENCH_HANDLER=json (every
 # variant's handler parses the JSON body instead of ignoring it), BENCH_BODY=small (issue 18's 15-byte
 # body, {"amount":1000}, instead of 1 KiB; with BENCH_HANDLER=json it is issue 18's own method, and
 # the issue18 and latency runs' default), BENCH_PG_POOL (the PostgreSQL pool size of

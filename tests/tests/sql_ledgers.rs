@@ -1592,3 +1592,49 @@ async fn postgres_a_completion_that_fails_in_a_batch_fails_alone() {
     .expect("drop the trigger");
     table.drop().await;
 }
+
+/// Issue 18: a batch of completions is bounded by itself, since a batch whose leader's request
+/// went away runs on a task that nobody awaits with a deadline. Here its statement waits on a row
+/// lock that another transaction holds (the pool sets no `statement_timeout`): its completions
+/// fail within the batch's write timeout (5 s) instead of waiting for the lock, however long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_batch_of_completions_that_gets_no_answer_fails_in_time() {
+    let Some(table) = common::PgTable::create().await else {
+        return;
+    };
+    let (first, first_token) = acquired(&table.ledger, request("first", "body")).await;
+    let (second, second_token) = acquired(&table.ledger, request("second", "body")).await;
+    let mut locker = table.ledger.pool().begin().await.expect("a transaction");
+    sqlx::query(AssertSqlSafe(format!(
+        "SELECT 1 FROM \"{}\" WHERE key = $1 FOR UPDATE",
+        table.name
+    )))
+    .bind(&first.key.as_bytes()[..])
+    .execute(&mut *locker)
+    .await
+    .expect("lock the first record");
+    let (ledger, held) = ledger_with_pool_held(&table, 1).await;
+    let tasks = [
+        spawn_complete(&ledger, first.key, first_token, sample_response(b"ok")),
+        spawn_complete(&ledger, second.key, second_token, sample_response(b"ok")),
+    ];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(held);
+    let started = std::time::Instant::now();
+    for task in tasks {
+        let result = tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("the batch is answered while the lock is held")
+            .expect("a task");
+        assert!(matches!(result, Err(LedgerError::Backend(_))), "{result:?}");
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(8), "answered after {took:?}");
+    assert!(
+        ledger.completion_batches() == 0,
+        "the batch was not written"
+    );
+    locker.rollback().await.expect("release the lock");
+    ledger.pool().close().await;
+    table.drop().await;
+}

@@ -27,6 +27,10 @@
 //!   nothing), each completion in it runs alone on the same connection, so one that cannot be
 //!   written fails alone. Any other error (the connection) fails every completion in the batch,
 //!   as it would have failed each of them alone.
+//! - **Bounded.** The wait for the connection is the pool's (`acquire_timeout`); the batch's
+//!   statements, once it has one, get [`WRITE_TIMEOUT`], after which its completions fail and
+//!   the connection is closed, not returned. As with a single completion that times out, one
+//!   whose caller hears of the failure may still have been written.
 
 use std::{
     collections::HashSet,
@@ -37,6 +41,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -49,6 +54,13 @@ use crate::{PostgresLedger, row};
 
 /// The most completions one statement takes.
 pub(crate) const MAX_BATCH: usize = 16;
+
+/// How long a batch's statements may take once it has its connection: as long as the
+/// `statement_timeout` that `connect` sets. A batch handed to a task of its own is awaited by
+/// nobody who could drop it, so without this bound a database that stops answering would keep
+/// it, and its connection, for as long as TCP waits; with it, its completions fail as the layer's
+/// ledger timeout would fail each of them alone.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A completion with its values, owned, as the `complete` statement binds them.
 pub(crate) struct Completion {
@@ -154,18 +166,28 @@ pub(crate) async fn complete(ledger: &PostgresLedger, completion: Completion) ->
 /// A leader: waits for a connection, then writes what is queued.
 async fn lead(ledger: PostgresLedger) {
     let connection = ledger.pool.acquire().await;
-    let batch = ledger.extra.completions.take(&ledger);
+    let mut batch = ledger.extra.completions.take(&ledger);
     if batch.is_empty() {
         return;
     }
-    match connection {
-        Ok(mut connection) => write(&ledger, &mut connection, batch).await,
-        Err(error) => fail_all(batch, error),
+    let mut connection = match connection {
+        Ok(connection) => connection,
+        Err(error) => return fail_all(batch.drain(..), error),
+    };
+    let written = tokio::time::timeout(WRITE_TIMEOUT, write(&ledger, &mut connection, &mut batch));
+    if written.await.is_err() {
+        // The connection stopped answering mid-statement: close it rather than return it.
+        connection.close_on_drop();
+        let error =
+            format!("the ledger's batch of completions got no answer within {WRITE_TIMEOUT:?}");
+        for queued in batch.drain(..) {
+            let _ = queued.answer.send(Err(LedgerError::backend(error.clone())));
+        }
     }
 }
 
 /// Every completion of `batch` fails with `error`.
-fn fail_all(batch: Vec<Queued>, error: sqlx::Error) {
+fn fail_all(batch: impl IntoIterator<Item = Queued>, error: sqlx::Error) {
     let error = Arc::new(error);
     for queued in batch {
         let _ = queued
@@ -174,37 +196,44 @@ fn fail_all(batch: Vec<Queued>, error: sqlx::Error) {
     }
 }
 
+/// Writes `batch` and answers each completion in it, taking it out of `batch` as it does (what
+/// is left if this is cut short is unanswered).
 async fn write(
     ledger: &PostgresLedger,
     connection: &mut PoolConnection<Postgres>,
-    mut batch: Vec<Queued>,
+    batch: &mut Vec<Queued>,
 ) {
     if batch.len() == 1 {
-        let queued = batch.pop().expect("one completion");
-        let answer = alone(&mut **connection, ledger, &queued.completion).await;
-        let _ = queued.answer.send(answer);
+        let answer = alone(&mut **connection, ledger, &batch[0].completion).await;
+        answer_first(batch, answer);
         return;
     }
-    match together(ledger, connection, &batch).await {
+    match together(ledger, connection, batch).await {
         Ok(written) => {
             ledger
                 .extra
                 .completions
                 .batches
                 .fetch_add(1, Ordering::Relaxed);
-            for queued in batch {
+            for queued in batch.drain(..) {
                 let done = written.contains(&(queued.completion.key, queued.completion.token));
                 let _ = queued.answer.send(row::fenced(u64::from(done)));
             }
         }
         Err(sqlx::Error::Database(_)) => {
-            for queued in batch {
+            while let Some(queued) = batch.first() {
                 let answer = alone(&mut **connection, ledger, &queued.completion).await;
-                let _ = queued.answer.send(answer);
+                answer_first(batch, answer);
             }
         }
-        Err(error) => fail_all(batch, error),
+        Err(error) => fail_all(batch.drain(..), error),
     }
+}
+
+/// Sends `answer` to the first completion of `batch` and takes it out.
+fn answer_first(batch: &mut Vec<Queued>, answer: Answer) {
+    let queued = batch.remove(0);
+    let _ = queued.answer.send(answer);
 }
 
 /// One completion by the `complete` statement.
