@@ -5,9 +5,9 @@
 //! through a statement, a commit and the commit's WAL flush. Where the pool is the queue (more
 //! requests in flight than connections, the usual state under load), completions written
 //! together take one connection for one round trip and one commit instead of one each, which
-//! leaves the connections to the claims: measured on loopback, first requests +23 % (median of 5
-//! alternating rounds) and the server's CPU per request -25 %; with 1.1 ms to the database,
-//! +70 % (docs/benchmarks.md, "Issue 18, seventh pass").
+//! leaves the connections to the claims: measured on loopback, first requests +33 % (median of 5
+//! alternating rounds) and the server's CPU per request about -28 %; with 1.1 ms to the
+//! database, +70 % (docs/benchmarks.md, "Issue 18, seventh pass").
 //!
 //! - **Who writes.** The first completion to find no batch forming leads one: it waits for a
 //!   pooled connection, as every completion would, and the completions that arrive meanwhile
@@ -17,8 +17,8 @@
 //!   a lookup by the primary key (`complete_many_statement` in `postgres.rs`). A completion that
 //!   finds a connection idle in the pool, or the pool below its size, goes alone with the single
 //!   statement, as does a leader that finds nobody joined it: batching adds no wait of its own,
-//!   and batches form only where the pool is the queue. Several batches may be in flight at once (unlike SQLite's one
-//!   writer, `writer.rs`).
+//!   and batches form only where the pool is the queue. Several batches may be in flight at
+//!   once (unlike SQLite's one writer, `writer.rs`).
 //! - **Cancellation.** The leader's future is its request's. If the request goes away while it
 //!   leads (its ledger timeout, say), the batch is handed to a task of its own and finishes
 //!   there, so every completion in it is still answered. A completion whose caller went away
