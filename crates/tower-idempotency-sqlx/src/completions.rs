@@ -22,7 +22,9 @@
 //! - **Cancellation.** The leader's future is its request's. If the request goes away while it
 //!   leads (its ledger timeout, say), the batch is handed to a task of its own and finishes
 //!   there, so every completion in it is still answered. A completion whose caller went away
-//!   before its batch was taken is not written, as it would not have been alone.
+//!   before its batch was taken is not written, as it would not have been alone. A leader that
+//!   cannot go on at all (its runtime shutting down) unmarks the queue as led, so that the next
+//!   completion leads.
 //! - **Failure.** If the batch's statement fails as a statement (a database error: it wrote
 //!   nothing), each completion in it runs alone on the same connection, so one that cannot be
 //!   written fails alone. Any other error (the connection) fails every completion in the batch,
@@ -165,7 +167,11 @@ pub(crate) async fn complete(ledger: &PostgresLedger, completion: Completion) ->
 
 /// A leader: waits for a connection, then writes what is queued.
 async fn lead(ledger: PostgresLedger) {
+    // Dropped while it waits (the runtime shutting down under it, or a spawn that had no runtime
+    // to go to), it must not leave the queue marked as led: no later completion would lead.
+    let waiting = Waiting(&ledger.extra.completions);
     let connection = ledger.pool.acquire().await;
+    std::mem::forget(waiting);
     let mut batch = ledger.extra.completions.take(&ledger);
     if batch.is_empty() {
         return;
@@ -183,6 +189,15 @@ async fn lead(ledger: PostgresLedger) {
         for queued in batch.drain(..) {
             let _ = queued.answer.send(Err(LedgerError::backend(error.clone())));
         }
+    }
+}
+
+/// A leader waiting for its connection; dropped, the queue has no leader.
+struct Waiting<'a>(&'a Completions);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.state().leading = false;
     }
 }
 
@@ -299,5 +314,40 @@ impl Drop for Detached {
         {
             runtime.spawn(future);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sqlx::postgres::PgPoolOptions;
+
+    use super::*;
+
+    /// A leader dropped while it waits for a connection leaves the queue without a leader, so the
+    /// next completion leads (and takes the completions queued behind the one that went away).
+    #[tokio::test]
+    async fn a_leader_dropped_while_waiting_leaves_no_leader_behind() {
+        // Nothing listens on port 1: the connection is waited for until the pool gives up.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("a lazy pool");
+        let ledger = PostgresLedger::new(pool);
+        ledger.extra.completions.state().leading = true;
+        let mut leader = Box::pin(lead(ledger.clone()));
+        let waited = tokio::time::timeout(Duration::from_millis(50), &mut leader).await;
+        assert!(
+            waited.is_err(),
+            "the leader is still waiting for its connection"
+        );
+        assert!(ledger.extra.completions.state().leading);
+        drop(leader);
+        assert!(
+            !ledger.extra.completions.state().leading,
+            "a leader that went away is still marked as leading"
+        );
     }
 }
