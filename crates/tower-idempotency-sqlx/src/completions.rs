@@ -136,7 +136,7 @@ impl Completions {
         if state.queue.is_empty() {
             state.leading = false;
         } else {
-            tokio::spawn(lead(ledger.clone()));
+            tokio::spawn(lead(Waiting::new(ledger)));
         }
         batch
     }
@@ -156,7 +156,7 @@ pub(crate) async fn complete(ledger: &PostgresLedger, completion: Completion) ->
         !std::mem::replace(&mut state.leading, true)
     };
     if lead_now {
-        Detached(Some(Box::pin(lead(ledger.clone())))).await;
+        Detached(Some(Box::pin(lead(Waiting::new(ledger))))).await;
     }
     answered.await.unwrap_or_else(|_| {
         Err(LedgerError::backend(
@@ -166,12 +166,10 @@ pub(crate) async fn complete(ledger: &PostgresLedger, completion: Completion) ->
 }
 
 /// A leader: waits for a connection, then writes what is queued.
-async fn lead(ledger: PostgresLedger) {
-    // Dropped while it waits (the runtime shutting down under it, or a spawn that had no runtime
-    // to go to), it must not leave the queue marked as led: no later completion would lead.
-    let waiting = Waiting(&ledger.extra.completions);
-    let connection = ledger.pool.acquire().await;
-    std::mem::forget(waiting);
+async fn lead(waiting: Waiting) {
+    let pool = waiting.ledger().pool.clone();
+    let connection = pool.acquire().await;
+    let ledger = waiting.disarm();
     let mut batch = ledger.extra.completions.take(&ledger);
     if batch.is_empty() {
         return;
@@ -192,12 +190,32 @@ async fn lead(ledger: PostgresLedger) {
     }
 }
 
-/// A leader waiting for its connection; dropped, the queue has no leader.
-struct Waiting<'a>(&'a Completions);
+/// A leader until it has its connection. Dropped before then (its task cancelled before or
+/// while it waits, as when the runtime shuts down, or a hand-off spawn that had no runtime to go
+/// to), it unmarks the queue as led: otherwise no later completion would lead.
+struct Waiting(Option<PostgresLedger>);
 
-impl Drop for Waiting<'_> {
+impl Waiting {
+    fn new(ledger: &PostgresLedger) -> Self {
+        Self(Some(ledger.clone()))
+    }
+
+    fn ledger(&self) -> &PostgresLedger {
+        self.0.as_ref().expect("a leader is waiting until disarmed")
+    }
+
+    /// The leader has its connection (or the pool's error): [`Completions::take`] decides from
+    /// here on.
+    fn disarm(mut self) -> PostgresLedger {
+        self.0.take().expect("disarmed once")
+    }
+}
+
+impl Drop for Waiting {
     fn drop(&mut self) {
-        self.0.state().leading = false;
+        if let Some(ledger) = &self.0 {
+            ledger.extra.completions.state().leading = false;
+        }
     }
 }
 
@@ -325,8 +343,9 @@ mod tests {
 
     use super::*;
 
-    /// A leader dropped while it waits for a connection leaves the queue without a leader, so the
-    /// next completion leads (and takes the completions queued behind the one that went away).
+    /// A leader dropped while it waits for a connection, or before it ever ran, leaves the queue
+    /// without a leader, so the next completion leads (and takes the completions queued behind
+    /// the one that went away).
     #[tokio::test]
     async fn a_leader_dropped_while_waiting_leaves_no_leader_behind() {
         // Nothing listens on port 1: the connection is waited for until the pool gives up.
@@ -337,7 +356,13 @@ mod tests {
             .expect("a lazy pool");
         let ledger = PostgresLedger::new(pool);
         ledger.extra.completions.state().leading = true;
-        let mut leader = Box::pin(lead(ledger.clone()));
+        drop(lead(Waiting::new(&ledger)));
+        assert!(
+            !ledger.extra.completions.state().leading,
+            "a leader that never ran is still marked as leading"
+        );
+        ledger.extra.completions.state().leading = true;
+        let mut leader = Box::pin(lead(Waiting::new(&ledger)));
         let waited = tokio::time::timeout(Duration::from_millis(50), &mut leader).await;
         assert!(
             waited.is_err(),
