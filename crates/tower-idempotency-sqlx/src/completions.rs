@@ -46,13 +46,12 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
-use sqlx::{Executor, Postgres, Row, pool::PoolConnection, postgres::PgArguments, query::Query};
+use sqlx::{PgPool, Postgres, Row, pool::PoolConnection, postgres::PgConnection};
 use tokio::sync::oneshot;
 use tower_idempotency_core::LedgerError;
 use uuid::Uuid;
 
-use crate::{PostgresLedger, row};
+use crate::{PostgresLedger, ledger::Completion, row};
 
 /// The most completions one statement takes.
 pub(crate) const MAX_BATCH: usize = 16;
@@ -63,34 +62,6 @@ pub(crate) const MAX_BATCH: usize = 16;
 /// it, and its connection, for as long as TCP waits; with it, its completions fail as the layer's
 /// ledger timeout would fail each of them alone.
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A completion with its values, owned, as the `complete` statement binds them.
-pub(crate) struct Completion {
-    pub(crate) key: [u8; 32],
-    pub(crate) token: Uuid,
-    pub(crate) status: i16,
-    pub(crate) headers: Vec<u8>,
-    pub(crate) body: Bytes,
-    pub(crate) body_omitted: bool,
-    pub(crate) retention_ms: i64,
-}
-
-impl Completion {
-    /// `query` with this completion's seven values bound, in the `complete` statement's order.
-    fn bind<'q>(
-        &self,
-        query: Query<'q, Postgres, PgArguments>,
-    ) -> Query<'q, Postgres, PgArguments> {
-        query
-            .bind(&self.key[..])
-            .bind(self.token)
-            .bind(self.status)
-            .bind(&self.headers[..])
-            .bind(&self.body[..])
-            .bind(self.body_omitted)
-            .bind(self.retention_ms)
-    }
-}
 
 type Answer = Result<(), LedgerError>;
 
@@ -142,13 +113,14 @@ impl Completions {
     }
 }
 
+/// Whether a completion on `pool` would wait for a connection: none is idle and the pool may
+/// open no more. Only then is there a wait to share.
+pub(crate) fn must_wait(pool: &PgPool) -> bool {
+    pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections()
+}
+
 /// Writes `completion`, in a batch with the completions that wait for a connection with it.
 pub(crate) async fn complete(ledger: &PostgresLedger, completion: Completion) -> Answer {
-    let pool = &ledger.pool;
-    if pool.num_idle() > 0 || pool.size() < pool.options().get_max_connections() {
-        // A connection is free, or the pool may open one: there is no wait to share.
-        return alone(pool, ledger, &completion).await;
-    }
     let (answer, answered) = oneshot::channel();
     let lead_now = {
         let mut state = ledger.extra.completions.state();
@@ -237,7 +209,7 @@ async fn write(
     batch: &mut Vec<Queued>,
 ) {
     if batch.len() == 1 {
-        let answer = alone(&mut **connection, ledger, &batch[0].completion).await;
+        let answer = alone(connection, ledger, &batch[0].completion).await;
         answer_first(batch, answer);
         return;
     }
@@ -255,7 +227,7 @@ async fn write(
         }
         Err(sqlx::Error::Database(_)) => {
             while let Some(queued) = batch.first() {
-                let answer = alone(&mut **connection, ledger, &queued.completion).await;
+                let answer = alone(connection, ledger, &queued.completion).await;
                 answer_first(batch, answer);
             }
         }
@@ -269,15 +241,15 @@ fn answer_first(batch: &mut Vec<Queued>, answer: Answer) {
     let _ = queued.answer.send(answer);
 }
 
-/// One completion by the `complete` statement.
-async fn alone<'e>(
-    executor: impl Executor<'e, Database = Postgres>,
+/// One completion by the `complete` statement, on the batch's connection.
+async fn alone(
+    connection: &mut PgConnection,
     ledger: &PostgresLedger,
     completion: &Completion,
 ) -> Answer {
-    let done = completion
-        .bind(sqlx::query(ledger.sql.complete.clone()))
-        .execute(executor)
+    let query = sqlx::query(ledger.sql.complete.clone());
+    let done = PostgresLedger::bind_completion(query, completion)
+        .execute(connection)
         .await
         .map_err(row::error)?;
     row::fenced(done.rows_affected())
@@ -291,7 +263,7 @@ async fn together(
 ) -> Result<HashSet<([u8; 32], Uuid)>, sqlx::Error> {
     let mut query = sqlx::query(ledger.extra.complete_many[batch.len() - 2].clone());
     for Queued { completion, .. } in batch {
-        query = completion.bind(query);
+        query = PostgresLedger::bind_completion(query, completion);
     }
     let rows = query.fetch_all(&mut **connection).await?;
     rows.iter()

@@ -122,6 +122,37 @@ pub(crate) fn acquired(request: &ClaimRequest, operation_id: Uuid) -> Claim {
     })
 }
 
+/// A completion's values, owned and ready to bind (`bind_completion`).
+pub(crate) struct Completion {
+    pub(crate) key: [u8; 32],
+    pub(crate) token: Uuid,
+    pub(crate) status: i16,
+    pub(crate) headers: Vec<u8>,
+    pub(crate) body: bytes::Bytes,
+    pub(crate) body_omitted: bool,
+    pub(crate) retention_ms: i64,
+}
+
+impl Completion {
+    pub(crate) fn new(
+        key: &LedgerKey,
+        token: FencingToken,
+        response: &StoredResponse,
+        retention: Duration,
+    ) -> Self {
+        Self {
+            key: *key.as_bytes(),
+            token: token.as_uuid(),
+            // Status codes are 100..=999, so they fit a smallint.
+            status: response.status.as_u16() as i16,
+            headers: StoredResponse::encode_headers(&response.headers),
+            body: response.body.clone(),
+            body_omitted: response.body_omitted,
+            retention_ms: row::millis(retention),
+        }
+    }
+}
+
 // What the shared code asks of a database's sqlx driver: both drivers have it all.
 impl<DB> SqlLedger<DB>
 where
@@ -241,16 +272,24 @@ where
         response: &StoredResponse,
         retention: Duration,
     ) -> Query<'static, DB, DB::Arguments> {
-        // Status codes are 100..=999, so they fit a smallint.
-        let status = response.status.as_u16() as i16;
-        sqlx::query(self.sql.complete.clone())
-            .bind(&key.as_bytes()[..])
-            .bind(token.as_uuid())
-            .bind(status)
-            .bind(StoredResponse::encode_headers(&response.headers))
-            .bind(&response.body[..])
-            .bind(response.body_omitted)
-            .bind(row::millis(retention))
+        let completion = Completion::new(key, token, response, retention);
+        Self::bind_completion(sqlx::query(self.sql.complete.clone()), &completion)
+    }
+
+    /// `query` with `completion`'s seven values bound after what it has, in the `complete`
+    /// statement's order (see [`Statements`]); PostgreSQL's batches bind each of theirs so.
+    pub(crate) fn bind_completion<'q>(
+        query: Query<'q, DB, DB::Arguments>,
+        completion: &Completion,
+    ) -> Query<'q, DB, DB::Arguments> {
+        query
+            .bind(&completion.key[..])
+            .bind(completion.token)
+            .bind(completion.status)
+            .bind(&completion.headers[..])
+            .bind(&completion.body[..])
+            .bind(completion.body_omitted)
+            .bind(completion.retention_ms)
     }
 
     /// The fenced completion inside the handler's transaction.

@@ -16,8 +16,8 @@ use crate::{
     SqlLedger,
     backend::{Backend, Statements, statement},
     claim_strategy::{ClaimStrategy, First, ReplayShare},
-    completions::{self, Completion, Completions},
-    ledger::acquired,
+    completions::{self, Completions},
+    ledger::{Completion, acquired},
     listener::{self, Notifier},
     row::{self, COMPLETED, IN_PROGRESS},
     table::TableName,
@@ -416,19 +416,11 @@ impl Backend for Postgres {
         response: &StoredResponse,
         retention: Duration,
     ) -> Option<impl Future<Output = Result<(), LedgerError>> + Send + 'static> {
-        if !ledger.extra.batch_completions {
+        // A connection free, or one the pool may open: no wait to share, so the shared path.
+        if !ledger.extra.batch_completions || !completions::must_wait(&ledger.pool) {
             return None;
         }
-        let completion = Completion {
-            key: *key.as_bytes(),
-            token: token.as_uuid(),
-            // Status codes are 100..=999, so they fit a smallint.
-            status: response.status.as_u16() as i16,
-            headers: StoredResponse::encode_headers(&response.headers),
-            body: response.body.clone(),
-            body_omitted: response.body_omitted,
-            retention_ms: row::millis(retention),
-        };
+        let completion = Completion::new(key, token, response, retention);
         let ledger = ledger.clone();
         Some(async move { completions::complete(&ledger, completion).await })
     }
