@@ -1596,7 +1596,8 @@ async fn postgres_a_completion_that_fails_in_a_batch_fails_alone() {
 /// Issue 18: a batch of completions is bounded by itself, since a batch whose leader's request
 /// went away runs on a task that nobody awaits with a deadline. Here its statement waits on a row
 /// lock that another transaction holds (the pool sets no `statement_timeout`): its completions
-/// fail within the batch's write timeout (5 s) instead of waiting for the lock, however long.
+/// fail with the batch's own timeout (5 s) while the lock is still held, instead of waiting for
+/// it. (The 20 s below only keeps a broken build from hanging the suite.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_a_batch_of_completions_that_gets_no_answer_fails_in_time() {
     let Some(table) = common::PgTable::create().await else {
@@ -1620,16 +1621,19 @@ async fn postgres_a_batch_of_completions_that_gets_no_answer_fails_in_time() {
     ];
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(held);
-    let started = std::time::Instant::now();
+    // The lock is held for the whole wait: only the batch's own bound can answer these.
     for task in tasks {
         let result = tokio::time::timeout(Duration::from_secs(20), task)
             .await
             .expect("the batch is answered while the lock is held")
             .expect("a task");
-        assert!(matches!(result, Err(LedgerError::Backend(_))), "{result:?}");
+        match result {
+            Err(LedgerError::Backend(error)) => {
+                assert!(error.to_string().contains("no answer within"), "{error}");
+            }
+            other => panic!("the batch's own timeout, got {other:?}"),
+        }
     }
-    let took = started.elapsed();
-    assert!(took < Duration::from_secs(8), "answered after {took:?}");
     assert!(
         ledger.completion_batches() == 0,
         "the batch was not written"
