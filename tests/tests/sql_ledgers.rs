@@ -1482,6 +1482,46 @@ async fn postgres_completions_waiting_for_a_connection_share_a_statement_each_fe
     table.drop().await;
 }
 
+/// Issue 18: a lease completed twice at once (a caller's bug, or its retry racing itself) with
+/// two responses, both waiting for a connection, is completed once, and the completion told Ok
+/// is the one whose response is stored; the other gets `LeaseLost`, as it would one after the
+/// other. (In one statement both would find the record and PostgreSQL would keep one update of
+/// the two, which one it does not say; the batch would have told both Ok.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_lease_completed_twice_at_once_is_completed_once() {
+    let Some(table) = common::PgTable::create().await else {
+        return;
+    };
+    let (twice, token) = acquired(&table.ledger, request("twice", "body")).await;
+    let mut others = Vec::new();
+    for n in 0..4 {
+        others.push(acquired(&table.ledger, request(&format!("other-{n}"), "body")).await);
+    }
+    let (ledger, held) = ledger_with_pool_held(&table, 1).await;
+    let other_tasks: Vec<_> = others
+        .iter()
+        .map(|(request, token)| spawn_complete(&ledger, request.key, *token, sample_response(b"o")))
+        .collect();
+    let a = spawn_complete(&ledger, twice.key, token, sample_response(b"a"));
+    let b = spawn_complete(&ledger, twice.key, token, sample_response(b"b"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(held);
+    for result in futures_join(other_tasks).await {
+        result.expect("a completion");
+    }
+    let both = [a.await.expect("a task"), b.await.expect("a task")];
+    let stored: &[u8] = match &both {
+        [Ok(()), Err(LedgerError::LeaseLost)] => b"a",
+        [Err(LedgerError::LeaseLost), Ok(())] => b"b",
+        other => panic!("a lease completed twice at once: {other:?}"),
+    };
+    assert!(
+        replays(&ledger, &twice, stored).await,
+        "the response stored is not the one told Ok"
+    );
+    table.drop().await;
+}
+
 /// Issue 18: the completion that leads a batch is its request's; if the request goes away while
 /// it waits for the connection (its ledger timeout, say), the batch is finished on a task of its
 /// own, so the completions that joined it are still written and answered. The leader's own

@@ -97,13 +97,29 @@ impl Completions {
     }
 
     /// The batch for a leader that has its connection: up to [`MAX_BATCH`] of the queue, less
-    /// the completions whose callers went away. If more are queued, another leader is started
-    /// for them.
+    /// the completions whose callers went away. A completion with the key and token of one
+    /// already in the batch (a lease completed twice at once) stays queued for a later batch,
+    /// where it finds the record completed, as it would one after the other: in one statement
+    /// both would find the record in progress, PostgreSQL would keep one of the two updates
+    /// without saying which, and both would be told Ok. If more are queued, another leader is
+    /// started for them.
     fn take(&self, ledger: &PostgresLedger) -> Vec<Queued> {
         let mut state = self.state();
         state.queue.retain(|queued| !queued.answer.is_closed());
-        let take = state.queue.len().min(MAX_BATCH);
-        let batch = state.queue.drain(..take).collect();
+        let mut batch: Vec<Queued> = Vec::new();
+        let mut later = Vec::new();
+        for queued in state.queue.drain(..) {
+            let (key, token) = (queued.completion.key, queued.completion.token);
+            let repeated = batch
+                .iter()
+                .any(|taken| taken.completion.key == key && taken.completion.token == token);
+            if batch.len() < MAX_BATCH && !repeated {
+                batch.push(queued);
+            } else {
+                later.push(queued);
+            }
+        }
+        state.queue = later;
         if state.queue.is_empty() {
             state.leading = false;
         } else {
