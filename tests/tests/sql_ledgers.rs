@@ -900,12 +900,14 @@ async fn sqlite_a_replay_claim_does_not_wait_for_the_write_lock() {
 }
 
 /// Issue 18: concurrent fresh claims and completions on a SQLite file share transactions (group
-/// commit: fewer commits, so fewer fsyncs, than writes), and each still gets its own answer.
+/// commit: fewer commits, so fewer fsyncs, than writes) and statements (a batch's claims in one,
+/// its completions in another), and each still gets its own answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_concurrent_writes_share_transactions() {
     const TASKS: usize = 64;
     let ledger = common::sqlite_file_ledger().await;
     let before = ledger.group_commits();
+    let statements_before = ledger.group_commit_statements();
     let start = Arc::new(Barrier::new(TASKS));
     let tasks: Vec<_> = (0..TASKS)
         .map(|n| {
@@ -931,6 +933,13 @@ async fn sqlite_concurrent_writes_share_transactions() {
         "{commits} transactions for {} writes: no batching",
         2 * TASKS
     );
+    // And the claims, and the completions, of a batch share statements.
+    let statements = ledger.group_commit_statements() - statements_before;
+    assert!(
+        statements < 2 * TASKS as u64,
+        "{statements} statements for {} writes: no merging",
+        2 * TASKS
+    );
     for request in &requests {
         match ledger.claim(request).await {
             Ok(Claim::Existing(existing)) => {
@@ -954,48 +963,29 @@ async fn sqlite_a_failed_write_does_not_fail_its_batch() {
         panic!("a fresh key is acquired")
     };
     let before = ledger.group_commits();
-    let mut lock = ledger.pool().acquire().await.expect("a connection");
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut *lock)
-        .await
-        .expect("take the write lock");
-    // The writer takes this one alone and waits for the lock in `BEGIN IMMEDIATE`.
-    let first = tokio::spawn({
-        let ledger = ledger.clone();
-        async move { ledger.claim(&request("first", "body")).await }
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // These queue behind it, and go in the next batch together.
-    let racers: Vec<_> = (0..RACERS)
-        .map(|_| {
+    let (racers, fenced, other) = in_one_batch(&ledger, || {
+        let racers: Vec<_> = (0..RACERS)
+            .map(|_| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move { ledger.claim(&request("raced", "body")).await })
+            })
+            .collect();
+        let fenced = tokio::spawn({
+            let (ledger, key) = (ledger.clone(), held.key);
+            async move {
+                let stranger = tower_idempotency_core::FencingToken::new();
+                ledger
+                    .complete(&key, stranger, &sample_response(b"no"), LONG)
+                    .await
+            }
+        });
+        let other = tokio::spawn({
             let ledger = ledger.clone();
-            tokio::spawn(async move { ledger.claim(&request("raced", "body")).await })
-        })
-        .collect();
-    let fenced = tokio::spawn({
-        let (ledger, key) = (ledger.clone(), held.key);
-        async move {
-            let stranger = tower_idempotency_core::FencingToken::new();
-            ledger
-                .complete(&key, stranger, &sample_response(b"no"), LONG)
-                .await
-        }
-    });
-    let other = tokio::spawn({
-        let ledger = ledger.clone();
-        async move { ledger.claim(&request("other", "body")).await }
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    sqlx::query("ROLLBACK")
-        .execute(&mut *lock)
-        .await
-        .expect("release the write lock");
-    drop(lock);
-
-    assert!(matches!(
-        first.await.expect("a task"),
-        Ok(Claim::Acquired(_))
-    ));
+            async move { ledger.claim(&request("other", "body")).await }
+        });
+        (racers, fenced, other)
+    })
+    .await;
     let mut won = 0;
     for racer in racers {
         match racer.await.expect("a task").expect("a racing claim") {
@@ -1021,6 +1011,204 @@ async fn sqlite_a_failed_write_does_not_fail_its_batch() {
         ledger.claim(&request("other", "body")).await,
         Ok(Claim::Existing(_))
     ));
+}
+
+/// Holds SQLite's write lock from another connection while `queue` queues writes on `ledger`,
+/// so that they run in one batch: the writer takes a first write alone (a claim, which waits in
+/// `BEGIN IMMEDIATE`), and what `queue` spawns behind it goes into the next batch together.
+/// Returns what `queue` returned once the lock is released, and the first write answered.
+async fn in_one_batch<T>(ledger: &SqliteLedger, queue: impl FnOnce() -> T) -> T {
+    let mut lock = ledger.pool().acquire().await.expect("a connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *lock)
+        .await
+        .expect("take the write lock");
+    let first = tokio::spawn({
+        let ledger = ledger.clone();
+        async move { ledger.claim(&request("first", "body")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let queued = queue();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("ROLLBACK")
+        .execute(&mut *lock)
+        .await
+        .expect("release the write lock");
+    drop(lock);
+    assert!(matches!(
+        first.await.expect("a task"),
+        Ok(Claim::Acquired(_))
+    ));
+    queued
+}
+
+/// Issue 18: a batch writes its completions in one statement, and each is still fenced by its
+/// own key and token: a lapsed holder's completion beside its successor's is refused while the
+/// successor's is written, and a lease completed twice at once is completed once (the second
+/// is refused, as it would be one after the other).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_completions_in_one_statement_are_each_fenced() {
+    let ledger = common::sqlite_file_ledger().await;
+    let response = |body: &'static [u8]| sample_response(body);
+    // A lease that lapses at once, and its successor's.
+    let mut lapsing = request("lapsed", "body");
+    lapsing.lease = Duration::from_millis(1);
+    let Claim::Acquired(stale) = ledger.claim(&lapsing).await.expect("claim") else {
+        panic!("a fresh key is acquired")
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let Claim::Acquired(successor) = ledger
+        .claim(&request("lapsed", "body"))
+        .await
+        .expect("claim")
+    else {
+        panic!("a lapsed lease is taken over")
+    };
+    // Six more leases, one of which is completed twice: with the two above, eight distinct.
+    let mut leases = Vec::new();
+    for n in 0..6 {
+        let claim = request(&format!("held-{n}"), "body");
+        let Claim::Acquired(lease) = ledger.claim(&claim).await.expect("claim") else {
+            panic!("a fresh key is acquired")
+        };
+        leases.push((claim.key, lease.token));
+    }
+    let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
+    let complete = |key: LedgerKey, token, body| {
+        let ledger = ledger.clone();
+        tokio::spawn(async move { ledger.complete(&key, token, &response(body), LONG).await })
+    };
+    let (stale_done, successor_done, held_done, twice_done) = in_one_batch(&ledger, || {
+        let stale_done = complete(lapsing.key, stale.token, b"stale");
+        let successor_done = complete(lapsing.key, successor.token, b"successor");
+        let held_done: Vec<_> = leases[1..]
+            .iter()
+            .map(|(key, token)| complete(*key, *token, b"held"))
+            .collect();
+        let (key, token) = leases[0];
+        let twice_done = [
+            complete(key, token, b"once-a"),
+            complete(key, token, b"once-b"),
+        ];
+        (stale_done, successor_done, held_done, twice_done)
+    })
+    .await;
+    assert!(matches!(
+        stale_done.await.expect("a task"),
+        Err(LedgerError::LeaseLost)
+    ));
+    successor_done
+        .await
+        .expect("a task")
+        .expect("the successor's completion");
+    for done in held_done {
+        done.await.expect("a task").expect("a completion");
+    }
+    let [a, b] = twice_done;
+    let twice = [a.await.expect("a task"), b.await.expect("a task")];
+    let completed_by = match &twice {
+        [Ok(()), Err(LedgerError::LeaseLost)] => &b"once-a"[..],
+        [Err(LedgerError::LeaseLost), Ok(())] => &b"once-b"[..],
+        other => panic!("a lease completed twice at once: {other:?}"),
+    };
+    // The first claim alone; then the eight distinct completions in one statement, and the
+    // repeated one after them, in one transaction.
+    assert_eq!(ledger.group_commits() - before, 2);
+    assert_eq!(ledger.group_commit_statements() - statements_before, 3);
+    // The response stored is the one whose completion was answered Ok.
+    match ledger.claim(&request("held-0", "body")).await {
+        Ok(Claim::Existing(existing)) => match existing.state {
+            RecordState::Completed(stored) => assert_eq!(&stored.body[..], completed_by),
+            other => panic!("not completed: {other:?}"),
+        },
+        other => panic!("not a replay: {other:?}"),
+    }
+    match ledger.claim(&request("lapsed", "body")).await {
+        Ok(Claim::Existing(existing)) => match existing.state {
+            RecordState::Completed(stored) => assert_eq!(&stored.body[..], b"successor"),
+            other => panic!("the successor's completion was not stored: {other:?}"),
+        },
+        other => panic!("not a replay: {other:?}"),
+    }
+}
+
+/// Issue 18: a write that violates a constraint inside a batch's merged statement fails alone.
+/// Two fresh claims with one operation id (unique in the table) go into one statement with six
+/// others; SQLite undoes the statement, the ledger runs its claims one by one, and only the
+/// second claim of that operation id fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_write_that_fails_in_a_merged_statement_fails_alone() {
+    let ledger = common::sqlite_file_ledger().await;
+    let mut claims: Vec<ClaimRequest> = (0..8)
+        .map(|n| request(&format!("merged-{n}"), "body"))
+        .collect();
+    claims[7].operation_id = claims[0].operation_id;
+    let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
+    let tasks = in_one_batch(&ledger, || {
+        claims
+            .iter()
+            .cloned()
+            .map(|claim| {
+                let ledger = ledger.clone();
+                tokio::spawn(async move { ledger.claim(&claim).await })
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let mut acquired = 0;
+    let mut failed = Vec::new();
+    for (n, task) in tasks.into_iter().enumerate() {
+        match task.await.expect("a task") {
+            Ok(Claim::Acquired(_)) => acquired += 1,
+            Err(LedgerError::Backend(error)) => failed.push((n, error.to_string())),
+            other => panic!("claim {n}: {other:?}"),
+        }
+    }
+    assert_eq!(acquired, 7, "failed: {failed:?}");
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0].0 == 0 || failed[0].0 == 7,
+        "claim {} failed: {}",
+        failed[0].0,
+        failed[0].1
+    );
+    assert!(failed[0].1.contains("UNIQUE"), "{}", failed[0].1);
+    // One transaction for the batch: the failed statement, then the eight one by one.
+    assert_eq!(ledger.group_commits() - before, 2);
+    assert_eq!(
+        ledger.group_commit_statements() - statements_before,
+        1 + 1 + 8
+    );
+}
+
+/// Issue 18: a batch's merged statements look each key up by the primary key rather than scan
+/// the table (given its values as a subquery, SQLite 3.51 planned the merged completion as a
+/// scan of every live record by the `expires_at` index).
+#[tokio::test]
+async fn sqlite_merged_statements_look_each_key_up() {
+    let ledger = common::sqlite_file_ledger().await;
+    for n in [2, 8, 64] {
+        let (claim, complete) = ledger.batch_statements(n).expect("a merged statement");
+        for sql in [claim, complete] {
+            let plan: Vec<String> = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .fetch_all(ledger.pool())
+                .await
+                .unwrap_or_else(|error| panic!("the plan of {sql}: {error}"))
+                .iter()
+                .map(|step| sqlx::Row::get::<String, _>(step, "detail"))
+                .collect();
+            assert!(
+                !plan
+                    .iter()
+                    .any(|step| step.contains("idempotency_records") && !step.contains("(key=?)")),
+                "{n} rows are not looked up by key:\n{}",
+                plan.join("\n")
+            );
+        }
+    }
+    assert!(ledger.batch_statements(1).is_none());
+    assert!(ledger.batch_statements(3).is_none());
+    assert!(ledger.batch_statements(128).is_none());
 }
 
 async fn futures_join<T: Send + 'static>(

@@ -17,7 +17,7 @@ use crate::{
     backend::{Backend, Statements},
     row,
     table::TableName,
-    writer::{Write, Written},
+    writer::{Merge, Write, Written},
 };
 
 /// How often a claim runs again when the record it lost to changed before it could be reported.
@@ -175,7 +175,16 @@ where
         sql: &SqlStr,
         request: &ClaimRequest,
     ) -> Query<'static, DB, DB::Arguments> {
-        sqlx::query(sql.clone())
+        Self::bind_claim(sqlx::query(sql.clone()), request)
+    }
+
+    /// `query` with `request`'s seven values bound after what it has, in the `claim`
+    /// statement's order (see [`Statements`]); SQLite's batches bind each of theirs so.
+    pub(crate) fn bind_claim<'q>(
+        query: Query<'q, DB, DB::Arguments>,
+        request: &ClaimRequest,
+    ) -> Query<'q, DB, DB::Arguments> {
+        query
             .bind(&request.key.as_bytes()[..])
             .bind(&request.scope.as_bytes()[..])
             .bind(&request.fingerprint.as_bytes()[..])
@@ -251,10 +260,9 @@ where
             &self.sql.claim
         };
         for _ in 0..CLAIM_ATTEMPTS {
-            let found = self
-                .write(Write::fetch(self.claim_query(sql, request)))
-                .await?
-                .row();
+            let claim = Write::fetch(self.claim_query(sql, request))
+                .merging(|| Merge::Claim(request.clone()));
+            let found = self.write(claim).await?.row();
             if let Some(claim) = DB::claimed(self, request, found).await? {
                 return Ok(claim);
             }
@@ -277,7 +285,8 @@ where
     }
 
     /// `query` with `completion`'s seven values bound after what it has, in the `complete`
-    /// statement's order (see [`Statements`]); PostgreSQL's batches bind each of theirs so.
+    /// statement's order (see [`Statements`]); the batches of both databases bind each of
+    /// theirs so.
     pub(crate) fn bind_completion<'q>(
         query: Query<'q, DB, DB::Arguments>,
         completion: &Completion,
@@ -352,8 +361,10 @@ where
         if let Some(batched) = batched {
             return batched.await;
         }
-        let complete = self.complete_query(key, token, response, retention);
-        row::fenced(Box::pin(self.write(Write::execute(complete))).await?.rows())
+        let completion = Completion::new(key, token, response, retention);
+        let query = Self::bind_completion(sqlx::query(self.sql.complete.clone()), &completion);
+        let complete = Write::execute(query).merging(|| Merge::Complete(completion));
+        row::fenced(Box::pin(self.write(complete)).await?.rows())
     }
 
     async fn release(&self, key: &LedgerKey, token: FencingToken) -> Result<(), LedgerError> {

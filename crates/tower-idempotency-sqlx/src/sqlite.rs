@@ -17,7 +17,7 @@ use crate::{
     ledger::acquired,
     row::{self, COMPLETED, IN_PROGRESS},
     table::TableName,
-    writer::{Write, Writer, Written},
+    writer::{MERGED, Merged, Write, Writer, Written},
 };
 
 /// A ledger in a SQLite database: the embedded default, for one machine (one file, or memory).
@@ -36,11 +36,15 @@ use crate::{
 /// a 409 or a 422 writes nothing and never waits for the write lock. The ledger's own writes
 /// (claim, complete, release, renew, each purge batch) then go through one writer per ledger
 /// (shared by its clones), which **commits them in groups**: it takes every write queued (up to
-/// 64, without waiting for more, so an idle ledger adds no latency) and runs them in order in one
-/// `BEGIN IMMEDIATE .. COMMIT` on one connection, so that concurrent requests share one fsync.
-/// Each write keeps its meaning: a claim's `INSERT .. ON CONFLICT` still decides atomically, and
-/// sees the writes before it in the batch (two claims of one key have one winner); a fenced
-/// write whose token is stale fails alone, as does one that violates a constraint; an error
+/// 64, without waiting for more, so an idle ledger adds no latency) and runs them in one
+/// `BEGIN IMMEDIATE .. COMMIT` on one connection, so that concurrent requests share one fsync;
+/// the batch's claims go in one multi-row statement and its completions in another (in chunks
+/// of a power of two), the other writes one by one. Any order of the writes of a batch is one
+/// they could have arrived in (all were waiting, none answered). Each write keeps its meaning: a
+/// claim's `INSERT .. ON CONFLICT` still decides atomically, and sees the writes before it in the
+/// batch (two claims of one key have one winner); a fenced write whose token is stale fails
+/// alone, as does one that violates a constraint (its merged statement is undone and its writes
+/// run again one by one); an error
 /// that may have rolled the transaction back (a full disk, an I/O error), or a failed `COMMIT`,
 /// fails every write of the batch, and none was written. A write not taken into a batch within
 /// 5 s, or a batch that gets no connection within 5 s, is a ledger error. Another process on the
@@ -93,6 +97,86 @@ pub type SqliteLedger = SqlLedger<Sqlite>;
 /// every use within one statement.
 const NOW: &str = "CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
+/// `(?1, .. ?7), (?8, .. ?14), ..`: `rows` rows of `columns` numbered parameters.
+fn parameters(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let row: Vec<String> = (1..=columns)
+                .map(|column| format!("?{}", row * columns + column))
+                .collect();
+            format!("({})", row.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The claim of `rows` keys in one statement (one is the ledger's `claim`). Each row binds
+/// `1` key, `2` scope, `3` fingerprint, `4` operation id, `5` token, `6` lease and `7` retention
+/// in ms. For each row, in order, one statement decides: insert, replace an expired record, take
+/// over an expired lease with the same fingerprint, or write nothing; a row sees the rows before
+/// it, so two claims of one key have one winner. The SET expressions read the old row, so a
+/// takeover keeps its operation id. Returns `key`, `operation_id` and `token` of each claim
+/// that won (in no set order: a batch matches them by key and token).
+fn claim_sql(t: &str, rows: usize) -> String {
+    // The `WHERE true` is SQLite's: an upsert on `INSERT .. SELECT` needs a WHERE clause to
+    // parse.
+    format!(
+        "INSERT INTO {t} (key, scope, fingerprint, operation_id, token, state, \
+           lease_until, expires_at, status, headers, body, body_omitted) \
+         SELECT column1, column2, column3, column4, column5, '{IN_PROGRESS}', \
+           {NOW} + column6, {NOW} + column7, NULL, NULL, NULL, 0 \
+         FROM (VALUES {values}) WHERE true \
+         ON CONFLICT (key) DO UPDATE SET \
+           operation_id = CASE WHEN expires_at <= {NOW} \
+             THEN excluded.operation_id ELSE operation_id END, \
+           scope = excluded.scope, fingerprint = excluded.fingerprint, \
+           token = excluded.token, state = '{IN_PROGRESS}', \
+           lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
+           status = NULL, headers = NULL, body = NULL, body_omitted = 0 \
+         WHERE expires_at <= {NOW} OR (state = '{IN_PROGRESS}' \
+           AND lease_until <= {NOW} AND fingerprint = excluded.fingerprint) \
+         RETURNING key, operation_id, token",
+        values = parameters(rows, 7),
+    )
+}
+
+/// The fenced completion of `rows` records in one statement. Each row binds `1` key, `2` token,
+/// `3` status, `4` headers, `5` body, `6` body omitted and `7` retention in ms. One row (the
+/// ledger's `complete`) is a plain `UPDATE`, whose count of changed rows is its answer; more are
+/// an `UPDATE .. FROM` their values (a primary-key lookup each), which returns `key` and `token`
+/// of each record it completed.
+fn complete_sql(t: &str, rows: usize) -> String {
+    let (with, from, value, returning) = if rows == 1 {
+        (
+            String::new(),
+            "",
+            ["?1", "?2", "?3", "?4", "?5", "?6", "?7"],
+            "",
+        )
+    } else {
+        // Given as a (materialized) CTE, the values are taken first and each key looked up;
+        // given as a subquery, SQLite 3.51 scans every live record (by the `expires_at` index)
+        // and probes the values for each (test: `sqlite_merged_statements_look_each_key_up`).
+        (
+            format!(
+                "WITH v(k, tok, st, hd, bd, om, ret) AS MATERIALIZED (VALUES {}) ",
+                parameters(rows, 7)
+            ),
+            "FROM v ",
+            ["v.k", "v.tok", "v.st", "v.hd", "v.bd", "v.om", "v.ret"],
+            " RETURNING key, token",
+        )
+    };
+    let [key, token, status, headers, body, omitted, retention] = value;
+    format!(
+        "{with}UPDATE {t} SET state = '{COMPLETED}', lease_until = NULL, status = {status}, \
+           headers = {headers}, body = {body}, body_omitted = {omitted}, \
+           expires_at = {NOW} + {retention} \
+         {from}WHERE {t}.key = {key} AND {t}.token = {token} \
+           AND {t}.state = '{IN_PROGRESS}' AND {t}.expires_at > {NOW}{returning}"
+    )
+}
+
 /// The columns `row::info` reads; the headers and body only if `with_body` (an SQL expression).
 fn info_columns(with_body: &str) -> String {
     format!(
@@ -130,36 +214,12 @@ impl Backend for Sqlite {
     fn prepare(pool: &Pool<Self>, table: &TableName) -> (Statements, ReadBack) {
         let t = table.quoted();
         let sql = statement;
-        // ?1 key, ?2 scope, ?3 fingerprint, ?4 operation id, ?5 token, ?6 lease and
-        // ?7 retention in ms. One statement decides: insert, replace an expired record, take
-        // over an expired lease with the same fingerprint, or write nothing. The SET
-        // expressions read the old row, so a takeover keeps its operation id.
-        let claim = sql(format!(
-            "INSERT INTO {t} (key, scope, fingerprint, operation_id, token, state, \
-               lease_until, expires_at, status, headers, body, body_omitted) \
-             VALUES (?1, ?2, ?3, ?4, ?5, '{IN_PROGRESS}', {NOW} + ?6, {NOW} + ?7, \
-               NULL, NULL, NULL, 0) \
-             ON CONFLICT (key) DO UPDATE SET \
-               operation_id = CASE WHEN expires_at <= {NOW} \
-                 THEN excluded.operation_id ELSE operation_id END, \
-               scope = excluded.scope, fingerprint = excluded.fingerprint, \
-               token = excluded.token, state = '{IN_PROGRESS}', \
-               lease_until = excluded.lease_until, expires_at = excluded.expires_at, \
-               status = NULL, headers = NULL, body = NULL, body_omitted = 0 \
-             WHERE expires_at <= {NOW} OR (state = '{IN_PROGRESS}' \
-               AND lease_until <= {NOW} AND fingerprint = excluded.fingerprint) \
-             RETURNING operation_id, token"
-        ));
+        let claim = sql(claim_sql(&t, 1));
         let statements = Statements {
             // SQLite has no durability setting per transaction: the same statement.
             claim_before_transaction: claim.clone(),
             claim,
-            complete: sql(format!(
-                "UPDATE {t} SET state = '{COMPLETED}', lease_until = NULL, status = ?3, \
-                   headers = ?4, body = ?5, body_omitted = ?6, expires_at = {NOW} + ?7 \
-                 WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' \
-                   AND expires_at > {NOW}"
-            )),
+            complete: sql(complete_sql(&t, 1)),
             release: sql(format!(
                 "DELETE FROM {t} \
                  WHERE key = ?1 AND token = ?2 AND state = '{IN_PROGRESS}' \
@@ -211,7 +271,13 @@ impl Backend for Sqlite {
              FROM {t} WHERE key = ?1 AND expires_at > {NOW} \
                AND NOT (state = '{IN_PROGRESS}' AND lease_until <= {NOW} AND fingerprint = ?2)"
         ));
-        let writer = Writer::new(pool.clone());
+        let merged = Merged {
+            claims: (1..=MERGED).map(|n| sql(claim_sql(&t, 1 << n))).collect(),
+            completions: (1..=MERGED)
+                .map(|n| sql(complete_sql(&t, 1 << n)))
+                .collect(),
+        };
+        let writer = Writer::new(pool.clone(), merged);
         (
             statements,
             ReadBack {
@@ -286,6 +352,25 @@ impl SqliteLedger {
     #[doc(hidden)]
     pub fn group_commits(&self) -> u64 {
         self.extra.writer.batches()
+    }
+
+    /// How many statements the group commit has run for the ledger's writes (a merged one
+    /// counts once), for the tests.
+    #[doc(hidden)]
+    pub fn group_commit_statements(&self) -> u64 {
+        self.extra.writer.statements()
+    }
+
+    /// The statements that write `n` claims and `n` completions at once (`n` a power of two
+    /// from 2 to 64), for the tests.
+    #[doc(hidden)]
+    pub fn batch_statements(&self, n: usize) -> Option<(&str, &str)> {
+        let merged = self.extra.writer.merged();
+        let index = (n.is_power_of_two() && n > 1).then(|| n.trailing_zeros() as usize - 1)?;
+        Some((
+            merged.claims.get(index)?.as_str(),
+            merged.completions.get(index)?.as_str(),
+        ))
     }
 
     /// Connects to `url` (such as `sqlite://idempotency.db?mode=rwc` or `sqlite::memory:`) with

@@ -1,24 +1,33 @@
 //! Group commit for a one-writer database (SQLite): the ledger's concurrent writes run in one
-//! transaction, so that they pay one `COMMIT` (one fsync) between them.
+//! transaction, so that they pay one `COMMIT` (one fsync) between them, and its claims, and its
+//! completions, each in as few statements as it can.
 //!
 //! A write is a statement with its values bound ([`Write`]). A caller queues it and waits for its
 //! own answer. One task at a time, spawned by the first caller to find none running, takes
 //! everything queued (up to [`MAX_BATCH`]), without waiting for more, and runs it on one
-//! connection in one `BEGIN IMMEDIATE .. COMMIT`, each write under its own savepoint: a write
-//! that fails is undone and fails alone; a `COMMIT` (or a savepoint) that fails fails the whole
-//! batch, which then wrote nothing. The writes run in the order queued and each sees the ones
-//! before it, so two claims of one key in a batch have one winner, as they would one after the
-//! other.
+//! connection in one `BEGIN IMMEDIATE .. COMMIT`. A claim or a completion also carries its
+//! values ([`Merge`]), so that the batch writes its claims in one multi-row statement and its
+//! completions in another (in chunks of a power of two: up to 7 statements for 64 of a kind,
+//! where each took one; each statement is a round trip to sqlx's SQLite thread, and those round
+//! trips, not the fsync, were what a batch spent its time on). Each keeps its meaning: a claim
+//! sees the rows before it (two claims of one key have one winner), a completion is fenced by its
+//! own key and token; a write that violates a constraint fails alone; a `COMMIT` that fails
+//! fails the whole batch, which then wrote nothing (see `Writer::commit`).
 
-use std::{error::Error, fmt, sync::Arc, time::Duration};
+use std::{fmt, time::Duration};
 
 use sqlx::{Database, Executor, IntoArguments, query::Query};
+use tower_idempotency_core::ClaimRequest;
+
+use crate::ledger::Completion;
 
 /// How long a write waits to be taken into a batch, and a batch for its connection, before
 /// failing: as long as SQLite's own busy timeout.
+#[cfg_attr(not(feature = "sqlite"), expect(dead_code, reason = "SQLite's"))]
 pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most writes one transaction takes.
+#[cfg_attr(not(feature = "sqlite"), expect(dead_code, reason = "SQLite's"))]
 pub(crate) const MAX_BATCH: usize = 64;
 
 /// One of the ledger's writes: a statement with its values bound, whose returned row is wanted
@@ -26,6 +35,22 @@ pub(crate) const MAX_BATCH: usize = 64;
 pub struct Write<DB: Database> {
     query: Query<'static, DB, DB::Arguments>,
     fetch: bool,
+    /// The values again, for a batch that writes this one in a statement with others of its kind
+    /// (SQLite's claims and completions; see [`Writer`]).
+    merge: Option<Merge>,
+}
+
+/// A claim's or a completion's values, which a batch may write in one statement with the others
+/// of its kind.
+#[cfg_attr(
+    not(feature = "sqlite"),
+    expect(dead_code, reason = "only SQLite's batches merge")
+)]
+pub(crate) enum Merge {
+    /// The values the `claim` statement binds.
+    Claim(ClaimRequest),
+    /// The values the `complete` statement binds.
+    Complete(Completion),
 }
 
 /// What a [`Write`] gave back.
@@ -39,7 +64,11 @@ pub enum Written<DB: Database> {
 impl<DB: crate::backend::Backend> Write<DB> {
     /// A statement whose returned row is wanted.
     pub(crate) fn fetch(query: Query<'static, DB, DB::Arguments>) -> Self {
-        Self { query, fetch: true }
+        Self {
+            query,
+            fetch: true,
+            merge: None,
+        }
     }
 
     /// A statement whose count of written rows is wanted.
@@ -47,6 +76,16 @@ impl<DB: crate::backend::Backend> Write<DB> {
         Self {
             query,
             fetch: false,
+            merge: None,
+        }
+    }
+
+    /// The write with its values kept for a batch to merge, on a one-writer database
+    /// ([`Backend::ONE_WRITER`](crate::backend::Backend::ONE_WRITER)); elsewhere as it was.
+    pub(crate) fn merging(self, merge: impl FnOnce() -> Merge) -> Self {
+        Self {
+            merge: DB::ONE_WRITER.then(merge),
+            ..self
         }
     }
 
@@ -69,6 +108,7 @@ impl<DB: Database> fmt::Debug for Write<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Write")
             .field("fetch", &self.fetch)
+            .field("merge", &self.merge.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -100,11 +140,8 @@ impl<DB: Database> Written<DB> {
     }
 }
 
-/// An error shared by every write of a failed batch.
-type Shared = Arc<dyn Error + Send + Sync>;
-
 #[cfg(feature = "sqlite")]
-pub(crate) use sqlite::Writer;
+pub(crate) use sqlite::{MERGED, Merged, Writer};
 
 #[cfg(feature = "sqlite")]
 mod sqlite {
@@ -117,21 +154,44 @@ mod sqlite {
         },
     };
 
-    use sqlx::{Connection, Sqlite, SqlitePool};
+    use sqlx::{Connection, Row, SqlStr, Sqlite, SqliteConnection, SqlitePool, query::Query};
     use tokio::sync::oneshot;
     use tower_idempotency_core::LedgerError;
+    use uuid::Uuid;
 
-    use super::{MAX_BATCH, Shared, WRITE_TIMEOUT, Write, Written};
-    use crate::row;
+    use super::{MAX_BATCH, Merge, WRITE_TIMEOUT, Write, Written};
+    use crate::{SqlLedger, row};
 
     type Answer = Result<Written<Sqlite>, LedgerError>;
+
+    /// An error shared by every write of a failed batch.
+    type Shared = Arc<dyn std::error::Error + Send + Sync>;
+
+    /// The largest merged statement writes `2^MERGED` rows (as many as a batch takes).
+    pub(crate) const MERGED: u32 = MAX_BATCH.trailing_zeros();
+
+    /// The statements that write `2^n` claims, or completions, in one, for `n` in `1..=MERGED`
+    /// (`claims[n - 1]`): a batch writes its claims in as few of them as add up to their count,
+    /// and so its completions (up to 64 of each in 1 to 7 statements, where they took 64 each).
+    /// Powers of two, so that sqlx's cache of prepared statements (100 per connection) holds
+    /// them all.
+    pub(crate) struct Merged {
+        pub(crate) claims: Vec<SqlStr>,
+        pub(crate) completions: Vec<SqlStr>,
+    }
+
+    /// A write of the batch, by its place in the queue.
+    type Placed = (usize, Write<Sqlite>);
 
     /// The SQLite ledger's group commit (shared by a ledger's clones).
     pub(crate) struct Writer {
         pool: SqlitePool,
+        merged: Merged,
         state: Mutex<State>,
         /// Committed batches, for the tests.
         batches: AtomicU64,
+        /// Statements run for the writes of batches, for the tests.
+        statements: AtomicU64,
     }
 
     #[derive(Default)]
@@ -152,17 +212,30 @@ mod sqlite {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("Writer")
                 .field("batches", &self.batches)
+                .field("statements", &self.statements)
                 .finish_non_exhaustive()
         }
     }
 
     impl Writer {
-        pub(crate) fn new(pool: SqlitePool) -> Arc<Self> {
+        pub(crate) fn new(pool: SqlitePool, merged: Merged) -> Arc<Self> {
             Arc::new(Self {
                 pool,
+                merged,
                 state: Mutex::default(),
                 batches: AtomicU64::new(0),
+                statements: AtomicU64::new(0),
             })
+        }
+
+        /// The merged statements.
+        pub(crate) fn merged(&self) -> &Merged {
+            &self.merged
+        }
+
+        /// Statements run for writes so far.
+        pub(crate) fn statements(&self) -> u64 {
+            self.statements.load(Ordering::Relaxed)
         }
 
         /// Transactions committed so far.
@@ -265,22 +338,31 @@ mod sqlite {
         /// One `BEGIN IMMEDIATE .. COMMIT`: the answer of each write, or the error that failed
         /// them all (nothing was written).
         ///
-        /// A statement that violates a constraint is undone by SQLite on its own (its conflict
-        /// resolution is the default, `ABORT`) and the transaction goes on, so only its write
-        /// fails; so does a write whose values do not bind (it never ran). Any other error may
-        /// have rolled the whole transaction back (SQLite names `SQLITE_FULL`, `SQLITE_IOERR`,
-        /// `SQLITE_BUSY` and `SQLITE_NOMEM`), after which each later statement would commit on
-        /// its own: the batch stops there and is rolled back, and every write fails. (A savepoint
-        /// per write would cost two statements each and save nothing more: a transaction rolled
-        /// back takes its savepoints with it.)
+        /// The claims go first, then the completions, each kind in as few statements as
+        /// [`Merged`] allows, then the other writes one by one in the order queued. Every write
+        /// of a batch was waiting when the batch began, none answered, so any order is one they
+        /// could have arrived in; a write sees those before it in that order (two claims of one
+        /// key have one winner). A completion whose key and token another of the batch has
+        /// already (only a caller completing one lease twice at once) goes with the others, after
+        /// it, and finds the record completed, as it would have one after the other.
         ///
-        /// A write whose caller went away before its turn (it gave up waiting) is not run.
+        /// A statement that violates a constraint is undone by SQLite on its own (its conflict
+        /// resolution is the default, `ABORT`) and the transaction goes on: a single write fails
+        /// alone, and the writes of a merged statement that failed so are run again one by one,
+        /// so that only the failing one fails; so does a write whose values do not bind (it
+        /// never ran). Any other error may have rolled the whole transaction back (SQLite names
+        /// `SQLITE_FULL`, `SQLITE_IOERR`, `SQLITE_BUSY` and `SQLITE_NOMEM`), after which each
+        /// later statement would commit on its own: the batch stops there and is rolled back,
+        /// and every write fails. (A savepoint per write would cost two statements each and
+        /// save nothing more: a transaction rolled back takes its savepoints with it.)
+        ///
+        /// A write whose caller went away before the batch began (it gave up waiting) is not
+        /// run.
         async fn commit(
             &self,
             writes: Vec<Write<Sqlite>>,
             callers: &[oneshot::Sender<Answer>],
         ) -> Result<Vec<Answer>, Shared> {
-            let shared = |error: sqlx::Error| -> Shared { Arc::new(error) };
             let mut connection = tokio::time::timeout(WRITE_TIMEOUT, self.pool.acquire())
                 .await
                 .map_err(|_| -> Shared {
@@ -293,21 +375,141 @@ mod sqlite {
                 .begin_with("BEGIN IMMEDIATE")
                 .await
                 .map_err(shared)?;
-            let mut answers = Vec::with_capacity(writes.len());
-            for (write, caller) in writes.into_iter().zip(callers) {
+            let mut answers: Vec<Option<Answer>> = writes.iter().map(|_| None).collect();
+            let (mut claims, mut completions, mut others) = (Vec::new(), Vec::new(), Vec::new());
+            for (at, (write, caller)) in writes.into_iter().zip(callers).enumerate() {
                 if caller.is_closed() {
-                    answers.push(Err(LedgerError::backend("the caller went away")));
+                    answers[at] = Some(Err(LedgerError::backend("the caller went away")));
                     continue;
                 }
-                match write.run(&mut *transaction).await {
-                    Ok(written) => answers.push(Ok(written)),
-                    Err(error) if fails_alone(&error) => answers.push(Err(row::error(error))),
-                    // Dropping the transaction rolls it back.
-                    Err(error) => return Err(shared(error)),
+                let group = match &write.merge {
+                    Some(Merge::Claim(_)) => Some(&mut claims),
+                    Some(Merge::Complete(_)) => Some(&mut completions),
+                    None => None,
+                };
+                match (group, identity(&write)) {
+                    (Some(group), Some(id))
+                        if !group.iter().any(|(_, other)| identity(other) == Some(id)) =>
+                    {
+                        group.push((at, write));
+                    }
+                    _ => others.push((at, write)),
                 }
             }
+            for (group, statements) in [
+                (claims, &self.merged.claims),
+                (completions, &self.merged.completions),
+            ] {
+                let mut group = group.into_iter();
+                while group.len() > 0 {
+                    // The largest power of two that fits what is left.
+                    let take = 1 << group.len().ilog2();
+                    let chunk: Vec<Placed> = group.by_ref().take(take).collect();
+                    if take == 1 {
+                        self.run_alone(&mut transaction, chunk, &mut answers)
+                            .await?;
+                    } else {
+                        let sql = &statements[take.trailing_zeros() as usize - 1];
+                        self.run_merged(&mut transaction, sql, chunk, &mut answers)
+                            .await?;
+                    }
+                }
+            }
+            self.run_alone(&mut transaction, others, &mut answers)
+                .await?;
             transaction.commit().await.map_err(shared)?;
-            Ok(answers)
+            Ok(answers
+                .into_iter()
+                .map(|answer| {
+                    answer.unwrap_or_else(|| Err(LedgerError::backend("the batch did not run it")))
+                })
+                .collect())
+        }
+
+        /// Runs each of `writes` by its own statement, in order.
+        async fn run_alone(
+            &self,
+            connection: &mut SqliteConnection,
+            writes: Vec<Placed>,
+            answers: &mut [Option<Answer>],
+        ) -> Result<(), Shared> {
+            for (at, write) in writes {
+                self.statements.fetch_add(1, Ordering::Relaxed);
+                answers[at] = Some(match write.run(&mut *connection).await {
+                    Ok(written) => Ok(written),
+                    Err(error) if fails_alone(&error) => Err(row::error(error)),
+                    // Dropping the transaction rolls it back.
+                    Err(error) => return Err(shared(error)),
+                });
+            }
+            Ok(())
+        }
+
+        /// Runs `writes`, all claims or all completions, in one statement, `sql` (one of
+        /// [`Merged`]'s, for as many rows), and answers each from the rows it returned: a claim
+        /// gets its row if it won, a completion one written row if it completed its record.
+        async fn run_merged(
+            &self,
+            connection: &mut SqliteConnection,
+            sql: &SqlStr,
+            writes: Vec<Placed>,
+            answers: &mut [Option<Answer>],
+        ) -> Result<(), Shared> {
+            let mut query: Query<'_, Sqlite, _> = sqlx::query(sql.clone());
+            for merge in writes.iter().filter_map(|(_, write)| write.merge.as_ref()) {
+                query = match merge {
+                    Merge::Claim(request) => SqlLedger::<Sqlite>::bind_claim(query, request),
+                    Merge::Complete(completion) => {
+                        SqlLedger::<Sqlite>::bind_completion(query, completion)
+                    }
+                };
+            }
+            self.statements.fetch_add(1, Ordering::Relaxed);
+            let mut written = match query.fetch_all(&mut *connection).await {
+                Ok(rows) => rows
+                    .into_iter()
+                    .map(|found| {
+                        let key: [u8; 32] =
+                            found.try_get::<&[u8], _>("key")?.try_into().map_err(|_| {
+                                sqlx::Error::Decode("a record's key is not 32 bytes".into())
+                            })?;
+                        let token: Uuid = found.try_get("token")?;
+                        Ok((key, token, Some(found)))
+                    })
+                    .collect::<Result<Vec<_>, sqlx::Error>>()
+                    .map_err(shared)?,
+                // SQLite undid the statement; run each alone to fail only the one at fault.
+                Err(error) if fails_alone(&error) => {
+                    return self.run_alone(connection, writes, answers).await;
+                }
+                Err(error) => return Err(shared(error)),
+            };
+            for (at, write) in writes {
+                let id = identity(&write);
+                let found = written
+                    .iter_mut()
+                    .find(|(key, token, _)| id == Some((*key, *token)))
+                    .and_then(|(_, _, found)| found.take());
+                answers[at] = Some(Ok(if write.fetch {
+                    Written::Row(found)
+                } else {
+                    Written::Rows(u64::from(found.is_some()))
+                }));
+            }
+            Ok(())
+        }
+    }
+
+    fn shared(error: sqlx::Error) -> Shared {
+        Arc::new(error)
+    }
+
+    /// The key and token of a claim or a completion: what its merged statement returns for it.
+    fn identity(write: &Write<Sqlite>) -> Option<([u8; 32], Uuid)> {
+        match &write.merge {
+            Some(Merge::Claim(request)) => Some((*request.key.as_bytes(), request.token.as_uuid())),
+            Some(Merge::Complete(completion)) => Some((completion.key, completion.token)),
+            None => None,
         }
     }
 
