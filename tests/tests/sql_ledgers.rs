@@ -863,13 +863,19 @@ async fn postgres_a_replay_claim_locks_nothing_and_writes_nothing() {
     table.drop().await;
 }
 
-/// Issue 18: on SQLite too, a replay's claim reads and writes nothing, so it does not wait for
-/// the database's write lock: here another connection holds it (`BEGIN IMMEDIATE`) for longer
-/// than the test waits, and the replay still answers. A fresh claim, which must write, waits.
+/// Issue 18: on SQLite too, once replays are common (a retry storm: more than one in eight of
+/// the recent claims found a record), a replay's claim reads and writes nothing, so it does not
+/// wait for the database's write lock: here another connection holds it (`BEGIN IMMEDIATE`) for
+/// longer than the test waits, and the replay still answers. A fresh claim, which must write,
+/// waits.
 #[tokio::test]
 async fn sqlite_a_replay_claim_does_not_wait_for_the_write_lock() {
     let ledger = common::sqlite_file_ledger().await;
     let first = completed(&ledger, "replay").await;
+    // The storm's first replays.
+    for _ in 0..16 {
+        assert!(matches!(ledger.claim(&first).await, Ok(Claim::Existing(_))));
+    }
     let mut writer = ledger.pool().acquire().await.expect("a connection");
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *writer)
@@ -897,6 +903,65 @@ async fn sqlite_a_replay_claim_does_not_wait_for_the_write_lock() {
         .expect("release the write lock");
     drop(writer);
     assert!(matches!(ledger.claim(&fresh).await, Ok(Claim::Acquired(_))));
+}
+
+/// Claims `stored`, a completed record's request, and returns how many statements the writer
+/// ran for it.
+async fn replay_writes(ledger: &SqliteLedger, stored: &ClaimRequest) -> u64 {
+    let before = ledger.group_commit_statements();
+    match ledger.claim(stored).await {
+        Ok(Claim::Existing(existing)) => {
+            assert!(matches!(existing.state, RecordState::Completed(_)));
+        }
+        other => panic!("not a replay: {other:?}"),
+    }
+    ledger.group_commit_statements() - before
+}
+
+/// Issue 18: a SQLite claim reads the record before it claims only once replays are common.
+/// While nearly every claim takes its key (under one in eight of the recent ones found a
+/// record; a new ledger starts there), the read would find nothing and costs a first request a
+/// round trip, so a claim goes straight to the writer, a replay too (it takes a turn and writes
+/// nothing); after a run of replays, a replay is answered by the read, with no turn in the
+/// writer; after a run of first requests, claims go straight to the writer again. Seen in the
+/// writer's count of statements.
+#[tokio::test]
+async fn sqlite_a_claim_reads_first_only_once_replays_are_common() {
+    let ledger = common::sqlite_file_ledger().await;
+    let stored = completed(&ledger, "stored").await;
+    let writes = || ledger.group_commit_statements();
+    for n in 0..32 {
+        let before = writes();
+        assert!(matches!(
+            ledger.claim(&request(&format!("first-{n}"), "body")).await,
+            Ok(Claim::Acquired(_))
+        ));
+        assert_eq!(writes() - before, 1);
+    }
+    assert_eq!(
+        replay_writes(&ledger, &stored).await,
+        1,
+        "among first requests, a replay took no turn in the writer"
+    );
+    for _ in 0..16 {
+        replay_writes(&ledger, &stored).await;
+    }
+    assert_eq!(
+        replay_writes(&ledger, &stored).await,
+        0,
+        "in a storm of replays, a replay took a turn in the writer"
+    );
+    for n in 0..200 {
+        assert!(matches!(
+            ledger.claim(&request(&format!("again-{n}"), "body")).await,
+            Ok(Claim::Acquired(_))
+        ));
+    }
+    assert_eq!(
+        replay_writes(&ledger, &stored).await,
+        1,
+        "back among first requests, a replay still read first"
+    );
 }
 
 /// Issue 18: concurrent fresh claims and completions on a SQLite file share transactions (group

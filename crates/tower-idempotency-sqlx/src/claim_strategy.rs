@@ -1,5 +1,6 @@
 //! How the PostgreSQL ledger claims a key: [`ClaimStrategy`], and the running share of claims
-//! that found a stored record, which the default ([`ClaimStrategy::Adaptive`]) decides by.
+//! that found a stored record, which the default ([`ClaimStrategy::Adaptive`]) decides by, and
+//! by which the SQLite ledger decides whether to read before it claims (`sqlite.rs`).
 //!
 //! The claim statement reads the record and inserts in one round trip, and PostgreSQL sets up
 //! both halves whichever one does the work. A plain `INSERT .. ON CONFLICT DO NOTHING` is
@@ -10,6 +11,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+#[cfg(feature = "postgres")]
 /// How [`PostgresLedger`](crate::PostgresLedger) claims a key
 /// ([`with_claim_strategy`](crate::PostgresLedger::with_claim_strategy)).
 ///
@@ -43,6 +45,7 @@ pub enum ClaimStrategy {
 }
 
 /// What one claim runs first.
+#[cfg(feature = "postgres")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum First {
     Insert,
@@ -69,6 +72,7 @@ const ONE: u32 = 1 << 16;
 /// 10 % of replays measured -1 to -4 % against the claim statement alone, 20 % -7 to -8 %
 /// (docs/benchmarks.md). One in eight keeps the loss there small and the gain on loopback.
 const INSERT_BELOW: u32 = ONE / 8;
+#[cfg(feature = "postgres")]
 /// Read first above this share: on loopback the break-even is about 0.72 (a replay read first
 /// saves about 23 µs of the database's CPU; a first request read first costs a round trip, about
 /// 60 µs); narrowed like [`INSERT_BELOW`], for the same reason.
@@ -78,17 +82,22 @@ const WEIGHT: u32 = 6;
 
 impl ReplayShare {
     /// What the next claim runs first under `strategy`.
+    #[cfg(feature = "postgres")]
     pub(crate) fn first(&self, strategy: ClaimStrategy) -> First {
         match strategy {
             ClaimStrategy::Combined => First::Claim,
             ClaimStrategy::InsertFirst => First::Insert,
             ClaimStrategy::ReadFirst => First::Read,
-            ClaimStrategy::Adaptive => match self.0.load(Ordering::Relaxed) {
-                share if share < INSERT_BELOW => First::Insert,
-                share if share > READ_ABOVE => First::Read,
-                _ => First::Claim,
-            },
+            ClaimStrategy::Adaptive if self.mostly_fresh() => First::Insert,
+            ClaimStrategy::Adaptive if self.0.load(Ordering::Relaxed) > READ_ABOVE => First::Read,
+            ClaimStrategy::Adaptive => First::Claim,
         }
+    }
+
+    /// Whether under one in eight recent claims found a record: where `Adaptive` inserts
+    /// first, and where the SQLite ledger skips its read before claiming.
+    pub(crate) fn mostly_fresh(&self) -> bool {
+        self.0.load(Ordering::Relaxed) < INSERT_BELOW
     }
 
     /// Counts one claim's outcome: it found a record (`true`), or took the key (`false`).
@@ -108,7 +117,7 @@ impl ReplayShare {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "postgres"))]
 mod tests {
     use super::*;
 

@@ -91,7 +91,7 @@ mod tx;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod writer;
 
-#[cfg(feature = "postgres")]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod claim_strategy;
 #[cfg(feature = "postgres")]
 mod completions;
