@@ -11,7 +11,6 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-#[cfg(feature = "postgres")]
 /// How [`PostgresLedger`](crate::PostgresLedger) claims a key
 /// ([`with_claim_strategy`](crate::PostgresLedger::with_claim_strategy)).
 ///
@@ -21,6 +20,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 /// claim statement's own read would have a moment later; whenever either finds otherwise, the
 /// claim statement runs and decides atomically, as always (replacing an expired record, taking
 /// over a lapsed lease).
+#[cfg(feature = "postgres")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum ClaimStrategy {
@@ -72,10 +72,10 @@ const ONE: u32 = 1 << 16;
 /// 10 % of replays measured -1 to -4 % against the claim statement alone, 20 % -7 to -8 %
 /// (docs/benchmarks.md). One in eight keeps the loss there small and the gain on loopback.
 const INSERT_BELOW: u32 = ONE / 8;
-#[cfg(feature = "postgres")]
 /// Read first above this share: on loopback the break-even is about 0.72 (a replay read first
 /// saves about 23 µs of the database's CPU; a first request read first costs a round trip, about
 /// 60 µs); narrowed like [`INSERT_BELOW`], for the same reason.
+#[cfg(feature = "postgres")]
 const READ_ABOVE: u32 = ONE / 8 * 7;
 /// Each claim moves the share by 1/2^WEIGHT of the distance.
 const WEIGHT: u32 = 6;

@@ -34,28 +34,27 @@ use crate::{
 /// # One writer
 ///
 /// SQLite has one writer at a time. Once replays are common (more than one in eight of about the
-/// last 64 claims found a record: a retry storm), a claim first reads the record it cannot take,
-/// so a replay, a 409 or a 422 writes nothing and does not wait for the write lock. While nearly
-/// every claim takes its key (ordinary traffic; a new ledger starts there), that read would find
-/// nothing and cost each first request a round trip, so claims go straight to the writer, whose
-/// claim statement decides the same; a replay among them takes a turn there and writes nothing.
-/// The ledger's own writes
-/// (claim, complete, release, renew, each purge batch) then go through one writer per ledger
-/// (shared by its clones), which **commits them in groups**: it takes every write queued (up to
-/// 64, without waiting for more, so an idle ledger adds no latency) and runs them in one
-/// `BEGIN IMMEDIATE .. COMMIT` on one connection, so that concurrent requests share one fsync;
-/// the batch's claims go in one multi-row statement and its completions in another (in chunks
-/// of a power of two), the other writes one by one. Any order of the writes of a batch is one
-/// they could have arrived in (all were waiting, none answered). Each write keeps its meaning: a
-/// claim's `INSERT .. ON CONFLICT` still decides atomically, and sees the writes before it in the
-/// batch (two claims of one key have one winner); a fenced write whose token is stale fails
-/// alone, as does one that violates a constraint (its merged statement is undone and its writes
-/// run again one by one); an error
-/// that may have rolled the transaction back (a full disk, an I/O error), or a failed `COMMIT`,
-/// fails every write of the batch, and none was written. A write not taken into a batch within
-/// 5 s, or a batch that gets no connection within 5 s, is a ledger error. Another process on the
-/// same file, another ledger value on it (or another table), and exactly-once transactions
-/// (which commit with the handler's own writes) still meet at SQLite's lock and its busy timeout.
+/// last 64 claims found a record: a retry storm), a claim first reads the record it cannot take, so
+/// a replay, a 409 or a 422 writes nothing and does not wait for the write lock. While nearly every
+/// claim takes its key (ordinary traffic; a new ledger starts there), that read would find nothing
+/// and cost each first request a round trip, so claims go straight to the writer, whose claim
+/// statement decides the same; a replay among them takes a turn there and writes nothing. The
+/// ledger's own writes (claim, complete, release, renew, each purge batch) go through one writer
+/// per ledger (shared by its clones), which **commits them in groups**: it takes every write queued
+/// (up to 64, without waiting for more, so an idle ledger adds no latency) and runs them in one
+/// `BEGIN IMMEDIATE .. COMMIT` on one connection, so that concurrent requests share one fsync; the
+/// batch's claims go in one multi-row statement and its completions in another (in chunks of a
+/// power of two), the other writes one by one. Any order of the writes of a batch is one they could
+/// have arrived in (all were waiting, none answered). Each write keeps its meaning: a claim's
+/// `INSERT .. ON CONFLICT` still decides atomically, and sees the writes before it in the batch
+/// (two claims of one key have one winner); a fenced write whose token is stale fails alone, as
+/// does one that violates a constraint (its merged statement is undone and its writes run again one
+/// by one); an error that may have rolled the transaction back (a full disk, an I/O error), or a
+/// failed `COMMIT`, fails every write of the batch, and none was written. A write not taken into a
+/// batch within 5 s, or a batch that gets no connection within 5 s, is a ledger error. Another
+/// process on the same file, another ledger value on it (or another table), and exactly-once
+/// transactions (which commit with the handler's own writes) still meet at SQLite's lock and its
+/// busy timeout.
 ///
 /// # Connections
 ///
