@@ -4,15 +4,15 @@
 //!
 //! A write is a statement with its values bound ([`Write`]). A caller queues it and waits for its
 //! own answer. One task at a time, spawned by the first caller to find none running, takes
-//! everything queued (up to [`MAX_BATCH`]), without waiting for more, and runs it on one
-//! connection in one `BEGIN IMMEDIATE .. COMMIT`. A claim or a completion also carries its
-//! values ([`Merge`]), so that the batch writes its claims in one multi-row statement and its
-//! completions in another (in chunks of a power of two: up to 7 statements for 64 of a kind,
-//! where each took one; each statement is a round trip to sqlx's SQLite thread, and those round
-//! trips, not the fsync, were what a batch spent its time on). Each keeps its meaning: a claim
-//! sees the rows before it (two claims of one key have one winner), a completion is fenced by its
-//! own key and token; a write that violates a constraint fails alone; a `COMMIT` that fails
-//! fails the whole batch, which then wrote nothing (see `Writer::commit`).
+//! everything queued (up to [`MAX_BATCH`]), without waiting for more, and runs it on one connection
+//! in one `BEGIN IMMEDIATE .. COMMIT`. A claim or a completion also carries its values ([`Merge`]),
+//! so that the batch writes its claims in one multi-row statement and its completions in another
+//! (in chunks of a power of two: at most 6 statements for up to 64 of a kind, where each took one;
+//! each statement is a round trip to sqlx's SQLite thread, and those round trips, not the fsync,
+//! were what a batch spent its time on). Each keeps its meaning: a claim sees the rows before it
+//! (two claims of one key have one winner), a completion is fenced by its own key and token; a
+//! write that violates a constraint fails alone; a `COMMIT` that fails fails the whole batch, which
+//! then wrote nothing (see `Writer::commit`).
 
 use std::{fmt, time::Duration};
 
@@ -171,10 +171,10 @@ mod sqlite {
     pub(crate) const MERGED: u32 = MAX_BATCH.trailing_zeros();
 
     /// The statements that write `2^n` claims, or completions, in one, for `n` in `1..=MERGED`
-    /// (`claims[n - 1]`): a batch writes its claims in as few of them as add up to their count,
-    /// and so its completions (up to 64 of each in 1 to 7 statements, where they took 64 each).
-    /// Powers of two, so that sqlx's cache of prepared statements (100 per connection) holds
-    /// them all.
+    /// (`claims[n - 1]`): a batch writes its claims in as few of them as add up to their count, and
+    /// so its completions (up to 64 of a kind in 1 to 6 statements, where they took one each).
+    /// Powers of two, so that sqlx's cache of prepared statements (100 per connection) holds them
+    /// all.
     pub(crate) struct Merged {
         pub(crate) claims: Vec<SqlStr>,
         pub(crate) completions: Vec<SqlStr>,
