@@ -905,6 +905,51 @@ async fn sqlite_a_replay_claim_does_not_wait_for_the_write_lock() {
     assert!(matches!(ledger.claim(&fresh).await, Ok(Claim::Acquired(_))));
 }
 
+/// Issue 18: a SQLite claim that skipped its read (ordinary traffic) still answers a replay when
+/// the write lock is held elsewhere: a replay whose write fails (the lock held past the busy
+/// timeout) is answered by the read it skipped, not with the error; and while the writer's batch
+/// is stalled on the lock, claims read first, so a replay is answered while an earlier first
+/// request still waits in the writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_replay_is_answered_while_the_write_lock_is_held_elsewhere() {
+    let ledger = common::sqlite_file_ledger().await;
+    let stored = completed(&ledger, "replay").await;
+    let mut lock = ledger.pool().acquire().await.expect("a connection");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut *lock)
+        .await
+        .expect("take the write lock");
+    // The writer is idle: the replay goes to it, and its write fails at the busy timeout.
+    let replay = tokio::time::timeout(Duration::from_secs(30), ledger.claim(&stored))
+        .await
+        .expect("a bounded claim");
+    assert!(
+        matches!(&replay, Ok(Claim::Existing(existing)) if matches!(existing.state, RecordState::Completed(_))),
+        "a replay whose write failed: {replay:?}"
+    );
+    // A first request waits in the writer for the lock; meanwhile a replay reads first.
+    let fresh = tokio::spawn({
+        let ledger = ledger.clone();
+        async move { ledger.claim(&request("fresh", "body")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let replay = tokio::time::timeout(Duration::from_secs(30), ledger.claim(&stored))
+        .await
+        .expect("a bounded claim");
+    assert!(matches!(replay, Ok(Claim::Existing(_))), "{replay:?}");
+    assert!(
+        !fresh.is_finished(),
+        "the replay was answered only after the first request's batch ended"
+    );
+    sqlx::query("ROLLBACK")
+        .execute(&mut *lock)
+        .await
+        .expect("release the write lock");
+    drop(lock);
+    // The first request's own write met the lock too; it is answered either way.
+    let _ = fresh.await.expect("a task");
+}
+
 /// Claims `stored`, a completed record's request, and returns how many statements the writer
 /// ran for it.
 async fn replay_writes(ledger: &SqliteLedger, stored: &ClaimRequest) -> u64 {
@@ -1028,7 +1073,7 @@ async fn sqlite_a_failed_write_does_not_fail_its_batch() {
         panic!("a fresh key is acquired")
     };
     let before = ledger.group_commits();
-    let (racers, fenced, other) = in_one_batch(&ledger, || {
+    let (racers, fenced, other) = in_one_batch(&ledger, "first", || {
         let racers: Vec<_> = (0..RACERS)
             .map(|_| {
                 let ledger = ledger.clone();
@@ -1079,18 +1124,19 @@ async fn sqlite_a_failed_write_does_not_fail_its_batch() {
 }
 
 /// Holds SQLite's write lock from another connection while `queue` queues writes on `ledger`,
-/// so that they run in one batch: the writer takes a first write alone (a claim, which waits in
-/// `BEGIN IMMEDIATE`), and what `queue` spawns behind it goes into the next batch together.
+/// so that they run in one batch: the writer takes a first write alone (a claim of the fresh key
+/// `first`, which waits in `BEGIN IMMEDIATE`), and what `queue` spawns behind it goes into the
+/// next batch together.
 /// Returns what `queue` returned once the lock is released, and the first write answered.
-async fn in_one_batch<T>(ledger: &SqliteLedger, queue: impl FnOnce() -> T) -> T {
+async fn in_one_batch<T>(ledger: &SqliteLedger, first: &str, queue: impl FnOnce() -> T) -> T {
     let mut lock = ledger.pool().acquire().await.expect("a connection");
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *lock)
         .await
         .expect("take the write lock");
     let first = tokio::spawn({
-        let ledger = ledger.clone();
-        async move { ledger.claim(&request("first", "body")).await }
+        let (ledger, first) = (ledger.clone(), request(first, "body"));
+        async move { ledger.claim(&first).await }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let queued = queue();
@@ -1108,13 +1154,14 @@ async fn in_one_batch<T>(ledger: &SqliteLedger, queue: impl FnOnce() -> T) -> T 
 }
 
 /// Issue 18: a batch writes its completions in one statement, and each is still fenced by its
-/// own key and token: a lapsed holder's completion beside its successor's is refused while the
-/// successor's is written, and a lease completed twice at once is completed once (the second
-/// is refused, as it would be one after the other).
+/// own key and token. In one batch of eight, a lapsed holder's completion beside its successor's
+/// is refused while the successor's is written. In another, a lease completed twice at once is
+/// completed once: the repeat runs after the statement (as it would one after the other) and is
+/// refused, and the completion told Ok is the one whose response is stored (in one statement
+/// both would match the record, SQLite would store one of the two, and both would be told Ok).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_completions_in_one_statement_are_each_fenced() {
     let ledger = common::sqlite_file_ledger().await;
-    let response = |body: &'static [u8]| sample_response(body);
     // A lease that lapses at once, and its successor's.
     let mut lapsing = request("lapsed", "body");
     lapsing.lease = Duration::from_millis(1);
@@ -1129,33 +1176,33 @@ async fn sqlite_completions_in_one_statement_are_each_fenced() {
     else {
         panic!("a lapsed lease is taken over")
     };
-    // Six more leases, one of which is completed twice: with the two above, eight distinct.
     let mut leases = Vec::new();
-    for n in 0..6 {
+    for n in 0..13 {
         let claim = request(&format!("held-{n}"), "body");
         let Claim::Acquired(lease) = ledger.claim(&claim).await.expect("claim") else {
             panic!("a fresh key is acquired")
         };
         leases.push((claim.key, lease.token));
     }
-    let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
-    let complete = |key: LedgerKey, token, body| {
+    let complete = |key: LedgerKey, token, body: &'static [u8]| {
         let ledger = ledger.clone();
-        tokio::spawn(async move { ledger.complete(&key, token, &response(body), LONG).await })
+        tokio::spawn(async move {
+            ledger
+                .complete(&key, token, &sample_response(body), LONG)
+                .await
+        })
     };
-    let (stale_done, successor_done, held_done, twice_done) = in_one_batch(&ledger, || {
+
+    // The stale holder, its successor and six others: eight, one statement.
+    let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
+    let (stale_done, successor_done, held_done) = in_one_batch(&ledger, "first-a", || {
         let stale_done = complete(lapsing.key, stale.token, b"stale");
         let successor_done = complete(lapsing.key, successor.token, b"successor");
-        let held_done: Vec<_> = leases[1..]
+        let held_done: Vec<_> = leases[1..7]
             .iter()
             .map(|(key, token)| complete(*key, *token, b"held"))
             .collect();
-        let (key, token) = leases[0];
-        let twice_done = [
-            complete(key, token, b"once-a"),
-            complete(key, token, b"once-b"),
-        ];
-        (stale_done, successor_done, held_done, twice_done)
+        (stale_done, successor_done, held_done)
     })
     .await;
     assert!(matches!(
@@ -1169,6 +1216,29 @@ async fn sqlite_completions_in_one_statement_are_each_fenced() {
     for done in held_done {
         done.await.expect("a task").expect("a completion");
     }
+    // The first claim alone; then the eight in one statement, in one transaction.
+    assert_eq!(ledger.group_commits() - before, 2);
+    assert_eq!(ledger.group_commit_statements() - statements_before, 2);
+
+    // One lease completed twice with two responses, and six others: eight completions, seven
+    // distinct.
+    let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
+    let (twice_done, held_done) = in_one_batch(&ledger, "first-b", || {
+        let (key, token) = leases[0];
+        let twice_done = [
+            complete(key, token, b"once-a"),
+            complete(key, token, b"once-b"),
+        ];
+        let held_done: Vec<_> = leases[7..]
+            .iter()
+            .map(|(key, token)| complete(*key, *token, b"held"))
+            .collect();
+        (twice_done, held_done)
+    })
+    .await;
+    for done in held_done {
+        done.await.expect("a task").expect("a completion");
+    }
     let [a, b] = twice_done;
     let twice = [a.await.expect("a task"), b.await.expect("a task")];
     let completed_by = match &twice {
@@ -1176,25 +1246,24 @@ async fn sqlite_completions_in_one_statement_are_each_fenced() {
         [Err(LedgerError::LeaseLost), Ok(())] => &b"once-b"[..],
         other => panic!("a lease completed twice at once: {other:?}"),
     };
-    // The first claim alone; then the eight distinct completions in one statement, and the
-    // repeated one after them, in one transaction.
-    assert_eq!(ledger.group_commits() - before, 2);
-    assert_eq!(ledger.group_commit_statements() - statements_before, 3);
+    let (commits, statements) = (
+        ledger.group_commits() - before,
+        ledger.group_commit_statements() - statements_before,
+    );
     // The response stored is the one whose completion was answered Ok.
-    match ledger.claim(&request("held-0", "body")).await {
-        Ok(Claim::Existing(existing)) => match existing.state {
-            RecordState::Completed(stored) => assert_eq!(&stored.body[..], completed_by),
-            other => panic!("not completed: {other:?}"),
-        },
-        other => panic!("not a replay: {other:?}"),
+    for (key, expected) in [("held-0", completed_by), ("lapsed", &b"successor"[..])] {
+        match ledger.claim(&request(key, "body")).await {
+            Ok(Claim::Existing(existing)) => match existing.state {
+                RecordState::Completed(stored) => assert_eq!(&stored.body[..], expected, "{key}"),
+                other => panic!("{key} is not completed: {other:?}"),
+            },
+            other => panic!("{key} is not a replay: {other:?}"),
+        }
     }
-    match ledger.claim(&request("lapsed", "body")).await {
-        Ok(Claim::Existing(existing)) => match existing.state {
-            RecordState::Completed(stored) => assert_eq!(&stored.body[..], b"successor"),
-            other => panic!("the successor's completion was not stored: {other:?}"),
-        },
-        other => panic!("not a replay: {other:?}"),
-    }
+    // The first claim alone; then the seven distinct in statements of 4, 2 and 1, and the
+    // repeat after them, in one transaction.
+    assert_eq!(commits, 2);
+    assert_eq!(statements, 1 + 3 + 1);
 }
 
 /// Issue 18: a write that violates a constraint inside a batch's merged statement fails alone.
@@ -1209,7 +1278,7 @@ async fn sqlite_a_write_that_fails_in_a_merged_statement_fails_alone() {
         .collect();
     claims[7].operation_id = claims[0].operation_id;
     let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
-    let tasks = in_one_batch(&ledger, || {
+    let tasks = in_one_batch(&ledger, "first", || {
         claims
             .iter()
             .cloned()
@@ -1246,30 +1315,32 @@ async fn sqlite_a_write_that_fails_in_a_merged_statement_fails_alone() {
     );
 }
 
-/// Issue 18: a batch's merged statements look each key up by the primary key rather than scan
-/// the table (given its values as a subquery, SQLite 3.51 planned the merged completion as a
-/// scan of every live record by the `expires_at` index).
+/// Issue 18: a batch's merged completion looks each key up by the primary key rather than scan
+/// the table (given its values as a subquery, SQLite 3.51 planned it as a scan of every live
+/// record by the `expires_at` index). (The merged claim finds its conflicts by the primary key by
+/// definition, `ON CONFLICT (key)`, which its plan does not show.)
 #[tokio::test]
 async fn sqlite_merged_statements_look_each_key_up() {
     let ledger = common::sqlite_file_ledger().await;
     for n in [2, 8, 64] {
-        let (claim, complete) = ledger.batch_statements(n).expect("a merged statement");
-        for sql in [claim, complete] {
-            let plan: Vec<String> = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+        let (_, complete) = ledger.batch_statements(n).expect("a merged statement");
+        let plan: Vec<String> =
+            sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {complete}")))
                 .fetch_all(ledger.pool())
                 .await
-                .unwrap_or_else(|error| panic!("the plan of {sql}: {error}"))
+                .unwrap_or_else(|error| panic!("the plan of {complete}: {error}"))
                 .iter()
                 .map(|step| sqlx::Row::get::<String, _>(step, "detail"))
                 .collect();
-            assert!(
-                !plan
-                    .iter()
-                    .any(|step| step.contains("idempotency_records") && !step.contains("(key=?)")),
-                "{n} rows are not looked up by key:\n{}",
-                plan.join("\n")
-            );
-        }
+        let on_table: Vec<&String> = plan
+            .iter()
+            .filter(|step| step.contains("idempotency_records"))
+            .collect();
+        assert!(
+            !on_table.is_empty() && on_table.iter().all(|step| step.contains("(key=?)")),
+            "{n} completions are not looked up by key:\n{}",
+            plan.join("\n")
+        );
     }
     assert!(ledger.batch_statements(1).is_none());
     assert!(ledger.batch_statements(3).is_none());

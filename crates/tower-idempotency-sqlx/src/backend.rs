@@ -97,6 +97,18 @@ pub trait Backend: Database {
         None::<std::future::Ready<Result<(), LedgerError>>>
     }
 
+    /// The claim statement failed with `error`: the claim decided another way (SQLite: a read
+    /// of the record it cannot take, for a claim that did not read first), or the error.
+    /// Default: the error.
+    fn claim_failed(
+        ledger: &SqlLedger<Self>,
+        request: &ClaimRequest,
+        error: LedgerError,
+    ) -> impl Future<Output = Result<Claim, LedgerError>> + Send {
+        let _ = (ledger, request);
+        async { Err(error) }
+    }
+
     /// The outcome of one run of the `claim` statement, from the row it returned: `None` if it
     /// must run again (the record changed under it).
     fn claimed(

@@ -262,7 +262,10 @@ where
         for _ in 0..CLAIM_ATTEMPTS {
             let claim = Write::fetch(self.claim_query(sql, request))
                 .merging(|| Merge::Claim(request.clone()));
-            let found = self.write(claim).await?.row();
+            let found = match self.write(claim).await {
+                Ok(written) => written.row(),
+                Err(error) => return DB::claim_failed(self, request, error).await,
+            };
             if let Some(claim) = DB::claimed(self, request, found).await? {
                 return Ok(claim);
             }

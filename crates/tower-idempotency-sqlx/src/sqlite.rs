@@ -9,7 +9,7 @@ use sqlx::{
     },
 };
 use tokio::time::Instant;
-use tower_idempotency_core::{Claim, ClaimRequest, LedgerError, LedgerKey};
+use tower_idempotency_core::{Claim, ClaimRequest, Existing, LedgerError, LedgerKey};
 
 use crate::{
     SqlLedger,
@@ -33,12 +33,14 @@ use crate::{
 ///
 /// # One writer
 ///
-/// SQLite has one writer at a time. Once replays are common (more than one in eight of about the
-/// last 64 claims found a record: a retry storm), a claim first reads the record it cannot take, so
-/// a replay, a 409 or a 422 writes nothing and does not wait for the write lock. While nearly every
+/// SQLite has one writer at a time. Once replays are common (one in eight or more of about the last
+/// 64 claims found a record: a retry storm), or while the writer's batch has waited over 100 ms
+/// (for a write lock held elsewhere, say), a claim first reads the record it cannot take, so a
+/// replay, a 409 or a 422 writes nothing and does not wait for the write lock. While nearly every
 /// claim takes its key (ordinary traffic; a new ledger starts there), that read would find nothing
 /// and cost each first request a round trip, so claims go straight to the writer, whose claim
-/// statement decides the same; a replay among them takes a turn there and writes nothing. The
+/// statement decides the same; a replay among them takes a turn there and writes nothing. If that
+/// write fails (the lock held elsewhere past the busy timeout), a read answers the replay. The
 /// ledger's own writes (claim, complete, release, renew, each purge batch) go through one writer
 /// per ledger (shared by its clones), which **commits them in groups**: it takes every write queued
 /// (up to 64, without waiting for more, so an idle ledger adds no latency) and runs them in one
@@ -315,30 +317,44 @@ impl Backend for Sqlite {
     ///
     /// Unless nearly every recent claim took its key (under one in eight of about the last 64
     /// found a record, the band in which PostgreSQL's `ClaimStrategy::Adaptive` inserts first; a
-    /// new ledger starts there): then the read would find nothing and costs a first request a
-    /// round trip to sqlx's SQLite thread, so the claim goes straight to the writer, whose claim
-    /// statement decides the same (a replay among them takes a turn in the writer queue and
-    /// writes nothing).
+    /// new ledger starts there) and the writer is not stalled: then the read would find nothing
+    /// and costs a first request a round trip to sqlx's SQLite thread, so the claim goes straight
+    /// to the writer, whose claim statement decides the same (a replay among them takes a turn in
+    /// the writer queue and writes nothing). A writer whose batch has waited longer than
+    /// `STALLED` (for a write lock held elsewhere, say) is stalled: claims read first meanwhile,
+    /// so that replays are answered without waiting for it.
     async fn before_claim(
         ledger: &SqliteLedger,
         request: &ClaimRequest,
         _: bool,
     ) -> Result<Option<Claim>, LedgerError> {
-        let replays = &ledger.extra.replays;
-        if replays.mostly_fresh() {
+        let extra = &ledger.extra;
+        if extra.replays.mostly_fresh() && !extra.writer.stalled(STALLED) {
             return Ok(None);
         }
-        let found = sqlx::query(ledger.extra.live.clone())
-            .bind(&request.key.as_bytes()[..])
-            .bind(&request.fingerprint.as_bytes()[..])
-            .fetch_optional(&ledger.pool)
-            .await
-            .map_err(row::error)?;
-        let Some(found) = found else {
-            return Ok(None);
-        };
-        replays.record(true);
-        Ok(Some(Claim::Existing(row::existing(&found)?)))
+        let found = live_record(ledger, request).await?;
+        if found.is_some() {
+            extra.replays.record(true);
+        }
+        Ok(found.map(Claim::Existing))
+    }
+
+    /// A claim that went straight to the writer and could not write (the writer gave it no turn,
+    /// or the write lock stayed held elsewhere past the busy timeout) is answered by the read it
+    /// skipped, if that finds a record it could not have taken: a replay, a 409 or a 422 still
+    /// gets its answer. It counts as having found one, so that later claims read first.
+    async fn claim_failed(
+        ledger: &SqliteLedger,
+        request: &ClaimRequest,
+        error: LedgerError,
+    ) -> Result<Claim, LedgerError> {
+        match live_record(ledger, request).await {
+            Ok(Some(existing)) => {
+                ledger.extra.replays.record(true);
+                Ok(Claim::Existing(existing))
+            }
+            _ => Err(error),
+        }
     }
 
     async fn group_commit(
@@ -371,6 +387,27 @@ impl Backend for Sqlite {
     async fn wait_for_change(ledger: &SqliteLedger, key: &LedgerKey, timeout: Duration) {
         ledger.poll(key, Instant::now() + timeout).await;
     }
+}
+
+/// How long the writer's batch may wait (for its connection, the write lock, its statements,
+/// the commit) before claims stop skipping their read (`before_claim`): a batch takes a few
+/// milliseconds under load (p99 of a whole first request 12-16 ms over HTTP,
+/// docs/benchmarks.md).
+const STALLED: Duration = Duration::from_millis(100);
+
+/// The record `request` cannot take (`live`): a stored response, a live lease, another request's.
+async fn live_record(
+    ledger: &SqliteLedger,
+    request: &ClaimRequest,
+) -> Result<Option<Existing>, LedgerError> {
+    sqlx::query(ledger.extra.live.clone())
+        .bind(&request.key.as_bytes()[..])
+        .bind(&request.fingerprint.as_bytes()[..])
+        .fetch_optional(&ledger.pool)
+        .await
+        .map_err(row::error)?
+        .map(|found| row::existing(&found))
+        .transpose()
 }
 
 impl SqliteLedger {

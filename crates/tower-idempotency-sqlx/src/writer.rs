@@ -154,6 +154,8 @@ mod sqlite {
         },
     };
 
+    use std::time::Duration;
+
     use sqlx::{Connection, Row, SqlStr, Sqlite, SqliteConnection, SqlitePool, query::Query};
     use tokio::sync::oneshot;
     use tower_idempotency_core::LedgerError;
@@ -169,12 +171,17 @@ mod sqlite {
 
     /// The largest merged statement writes `2^MERGED` rows (as many as a batch takes).
     pub(crate) const MERGED: u32 = MAX_BATCH.trailing_zeros();
+    const _: () = assert!(
+        MAX_BATCH.is_power_of_two(),
+        "a batch's kinds are chunked into powers of two up to MAX_BATCH"
+    );
 
     /// The statements that write `2^n` claims, or completions, in one, for `n` in `1..=MERGED`
     /// (`claims[n - 1]`): a batch writes its claims in as few of them as add up to their count, and
     /// so its completions (up to 64 of a kind in 1 to 6 statements, where they took one each).
     /// Powers of two, so that sqlx's cache of prepared statements (100 per connection) holds them
-    /// all.
+    /// all, with the other statements of a table (about 25 in all; several tables on one pool
+    /// share the cache and may evict each other's).
     pub(crate) struct Merged {
         pub(crate) claims: Vec<SqlStr>,
         pub(crate) completions: Vec<SqlStr>,
@@ -192,6 +199,10 @@ mod sqlite {
         batches: AtomicU64,
         /// Statements run for the writes of batches, for the tests.
         statements: AtomicU64,
+        /// When the batch under way began, in microseconds since `created`, plus one; 0 while
+        /// none is (see [`stalled`](Self::stalled)).
+        busy_since: AtomicU64,
+        created: std::time::Instant,
     }
 
     #[derive(Default)]
@@ -225,6 +236,8 @@ mod sqlite {
                 state: Mutex::default(),
                 batches: AtomicU64::new(0),
                 statements: AtomicU64::new(0),
+                busy_since: AtomicU64::new(0),
+                created: std::time::Instant::now(),
             })
         }
 
@@ -236,6 +249,22 @@ mod sqlite {
         /// Statements run for writes so far.
         pub(crate) fn statements(&self) -> u64 {
             self.statements.load(Ordering::Relaxed)
+        }
+
+        /// Whether the batch under way began more than `after` ago: it waits for its
+        /// connection, the write lock (held elsewhere, say), or the disk.
+        pub(crate) fn stalled(&self, after: Duration) -> bool {
+            match self.busy_since.load(Ordering::Relaxed) {
+                0 => false,
+                since => {
+                    let now = self.micros();
+                    now.saturating_sub(since - 1) > after.as_micros() as u64
+                }
+            }
+        }
+
+        fn micros(&self) -> u64 {
+            u64::try_from(self.created.elapsed().as_micros()).unwrap_or(u64::MAX)
         }
 
         /// Transactions committed so far.
@@ -318,6 +347,15 @@ mod sqlite {
 
         /// Runs `jobs` in one transaction and answers each.
         async fn batch(&self, jobs: Vec<Job>) {
+            // Marks the batch under way until it ends, however it ends.
+            struct Busy<'a>(&'a Writer);
+            impl Drop for Busy<'_> {
+                fn drop(&mut self) {
+                    self.0.busy_since.store(0, Ordering::Relaxed);
+                }
+            }
+            self.busy_since.store(self.micros() + 1, Ordering::Relaxed);
+            let _busy = Busy(self);
             let (writes, answers): (Vec<_>, Vec<_>) =
                 jobs.into_iter().map(|job| (job.write, job.answer)).unzip();
             match self.commit(writes, &answers).await {
@@ -342,9 +380,12 @@ mod sqlite {
         /// [`Merged`] allows, then the other writes one by one in the order queued. Every write
         /// of a batch was waiting when the batch began, none answered, so any order is one they
         /// could have arrived in; a write sees those before it in that order (two claims of one
-        /// key have one winner). A completion whose key and token another of the batch has
-        /// already (only a caller completing one lease twice at once) goes with the others, after
-        /// it, and finds the record completed, as it would have one after the other.
+        /// key have one winner). A claim or completion whose key and token another of the batch
+        /// has already (a caller completing one lease twice at once) goes with the others, after
+        /// it, and finds the record completed, as it would have one after the other. So claims
+        /// run before a release, an eviction or a purge that came with them: a claim can lose to a
+        /// record that the batch then deletes, and then claims again in a later batch (the
+        /// ledger's `CLAIM_ATTEMPTS`).
         ///
         /// A statement that violates a constraint is undone by SQLite on its own (its conflict
         /// resolution is the default, `ABORT`) and the transaction goes on: a single write fails
