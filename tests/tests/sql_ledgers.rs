@@ -932,7 +932,9 @@ async fn sqlite_a_replay_is_answered_while_the_write_lock_is_held_elsewhere() {
         let ledger = ledger.clone();
         async move { ledger.claim(&request("fresh", "body")).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its batch under way, and for longer than the ledger's 100 ms: stalled.
+    until_queue(&ledger, (true, 0)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let replay = tokio::time::timeout(Duration::from_secs(30), ledger.claim(&stored))
         .await
         .expect("a bounded claim");
@@ -1073,7 +1075,7 @@ async fn sqlite_a_failed_write_does_not_fail_its_batch() {
         panic!("a fresh key is acquired")
     };
     let before = ledger.group_commits();
-    let (racers, fenced, other) = in_one_batch(&ledger, "first", || {
+    let (racers, fenced, other) = in_one_batch(&ledger, "first", RACERS + 2, || {
         let racers: Vec<_> = (0..RACERS)
             .map(|_| {
                 let ledger = ledger.clone();
@@ -1123,12 +1125,17 @@ async fn sqlite_a_failed_write_does_not_fail_its_batch() {
     ));
 }
 
-/// Holds SQLite's write lock from another connection while `queue` queues writes on `ledger`,
-/// so that they run in one batch: the writer takes a first write alone (a claim of the fresh key
-/// `first`, which waits in `BEGIN IMMEDIATE`), and what `queue` spawns behind it goes into the
-/// next batch together.
-/// Returns what `queue` returned once the lock is released, and the first write answered.
-async fn in_one_batch<T>(ledger: &SqliteLedger, first: &str, queue: impl FnOnce() -> T) -> T {
+/// Holds SQLite's write lock from another connection while `queue` queues `writes` writes on
+/// `ledger`, so that they run in one batch: the writer takes a first write alone (a claim of the
+/// fresh key `first`, which waits in `BEGIN IMMEDIATE`), and the writes `queue` spawns behind it
+/// go into the next batch together. Returns what `queue` returned once the lock is released, and
+/// the first write answered.
+async fn in_one_batch<T>(
+    ledger: &SqliteLedger,
+    first: &str,
+    writes: usize,
+    queue: impl FnOnce() -> T,
+) -> T {
     let mut lock = ledger.pool().acquire().await.expect("a connection");
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut *lock)
@@ -1138,9 +1145,10 @@ async fn in_one_batch<T>(ledger: &SqliteLedger, first: &str, queue: impl FnOnce(
         let (ledger, first) = (ledger.clone(), request(first, "body"));
         async move { ledger.claim(&first).await }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The first write taken alone: a batch under way, nothing queued.
+    until_queue(ledger, (true, 0)).await;
     let queued = queue();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_queue(ledger, (true, writes)).await;
     sqlx::query("ROLLBACK")
         .execute(&mut *lock)
         .await
@@ -1151,6 +1159,20 @@ async fn in_one_batch<T>(ledger: &SqliteLedger, first: &str, queue: impl FnOnce(
         Ok(Claim::Acquired(_))
     ));
     queued
+}
+
+/// Waits until the ledger's group commit is in the state `expected` (a batch under way, writes
+/// queued for the next), within a generous bound.
+async fn until_queue(ledger: &SqliteLedger, expected: (bool, usize)) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    while ledger.group_commit_queue() != expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the group commit is {:?}, not {expected:?}",
+            ledger.group_commit_queue()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Issue 18: a batch writes its completions in one statement, and each is still fenced by its
@@ -1195,7 +1217,7 @@ async fn sqlite_completions_in_one_statement_are_each_fenced() {
 
     // The stale holder, its successor and six others: eight, one statement.
     let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
-    let (stale_done, successor_done, held_done) = in_one_batch(&ledger, "first-a", || {
+    let (stale_done, successor_done, held_done) = in_one_batch(&ledger, "first-a", 8, || {
         let stale_done = complete(lapsing.key, stale.token, b"stale");
         let successor_done = complete(lapsing.key, successor.token, b"successor");
         let held_done: Vec<_> = leases[1..7]
@@ -1223,7 +1245,7 @@ async fn sqlite_completions_in_one_statement_are_each_fenced() {
     // One lease completed twice with two responses, and six others: eight completions, seven
     // distinct.
     let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
-    let (twice_done, held_done) = in_one_batch(&ledger, "first-b", || {
+    let (twice_done, held_done) = in_one_batch(&ledger, "first-b", 8, || {
         let (key, token) = leases[0];
         let twice_done = [
             complete(key, token, b"once-a"),
@@ -1278,7 +1300,7 @@ async fn sqlite_a_write_that_fails_in_a_merged_statement_fails_alone() {
         .collect();
     claims[7].operation_id = claims[0].operation_id;
     let (before, statements_before) = (ledger.group_commits(), ledger.group_commit_statements());
-    let tasks = in_one_batch(&ledger, "first", || {
+    let tasks = in_one_batch(&ledger, "first", claims.len(), || {
         claims
             .iter()
             .cloned()

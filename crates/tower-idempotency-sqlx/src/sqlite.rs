@@ -417,6 +417,13 @@ impl SqliteLedger {
         self.extra.writer.batches()
     }
 
+    /// Whether the group commit has a batch under way, and how many writes wait for the next,
+    /// for the tests.
+    #[doc(hidden)]
+    pub fn group_commit_queue(&self) -> (bool, usize) {
+        (self.extra.writer.busy(), self.extra.writer.queued())
+    }
+
     /// How many statements the group commit has run for the ledger's writes (a merged one
     /// counts once), for the tests.
     #[doc(hidden)]

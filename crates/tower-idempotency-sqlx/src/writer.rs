@@ -246,6 +246,16 @@ mod sqlite {
             &self.merged
         }
 
+        /// Writes queued and not yet taken into a batch.
+        pub(crate) fn queued(&self) -> usize {
+            self.state().queue.len()
+        }
+
+        /// Whether a batch is under way.
+        pub(crate) fn busy(&self) -> bool {
+            self.busy_since.load(Ordering::Relaxed) != 0
+        }
+
         /// Statements run for writes so far.
         pub(crate) fn statements(&self) -> u64 {
             self.statements.load(Ordering::Relaxed)
