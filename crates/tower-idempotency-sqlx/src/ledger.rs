@@ -260,8 +260,13 @@ where
             &self.sql.claim
         };
         for _ in 0..CLAIM_ATTEMPTS {
-            let claim = Write::fetch(self.claim_query(sql, request))
-                .merging(|| Merge::Claim(request.clone()));
+            // On a one-writer database (SQLite) the batch binds the values, with other claims or
+            // to the `claim` statement (there the same as `claim_before_transaction`).
+            let claim = if DB::ONE_WRITER {
+                Write::values(Merge::Claim(request.clone()))
+            } else {
+                Write::fetch(self.claim_query(sql, request))
+            };
             let found = match self.write(claim).await {
                 Ok(written) => written.row(),
                 Err(error) => return DB::claim_failed(self, request, error).await,
@@ -365,8 +370,14 @@ where
             return batched.await;
         }
         let completion = Completion::new(key, token, response, retention);
-        let query = Self::bind_completion(sqlx::query(self.sql.complete.clone()), &completion);
-        let complete = Write::execute(query).merging(|| Merge::Complete(completion));
+        let complete = if DB::ONE_WRITER {
+            Write::values(Merge::Complete(completion))
+        } else {
+            Write::execute(Self::bind_completion(
+                sqlx::query(self.sql.complete.clone()),
+                &completion,
+            ))
+        };
         row::fenced(Box::pin(self.write(complete)).await?.rows())
     }
 

@@ -281,6 +281,8 @@ impl Backend for Sqlite {
                AND NOT (state = '{IN_PROGRESS}' AND lease_until <= {NOW} AND fingerprint = ?2)"
         ));
         let merged = Merged {
+            claim: statements.claim.clone(),
+            complete: statements.complete.clone(),
             claims: (1..=MERGED).map(|n| sql(claim_sql(&t, 1 << n))).collect(),
             completions: (1..=MERGED)
                 .map(|n| sql(complete_sql(&t, 1 << n)))

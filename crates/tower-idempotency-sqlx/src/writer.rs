@@ -2,17 +2,17 @@
 //! transaction, so that they pay one `COMMIT` (one fsync) between them, and its claims, and its
 //! completions, each in as few statements as it can.
 //!
-//! A write is a statement with its values bound ([`Write`]). A caller queues it and waits for its
-//! own answer. One task at a time, spawned by the first caller to find none running, takes
-//! everything queued (up to [`MAX_BATCH`]), without waiting for more, and runs it on one connection
-//! in one `BEGIN IMMEDIATE .. COMMIT`. A claim or a completion also carries its values ([`Merge`]),
-//! so that the batch writes its claims in one multi-row statement and its completions in another
-//! (in chunks of a power of two: at most 6 statements for up to 64 of a kind, where each took one;
-//! each statement is a round trip to sqlx's SQLite thread, and those round trips, not the fsync,
-//! were what a batch spent its time on). Each keeps its meaning: a claim sees the rows before it
-//! (two claims of one key have one winner), a completion is fenced by its own key and token; a
-//! write that violates a constraint fails alone; a `COMMIT` that fails fails the whole batch, which
-//! then wrote nothing (see `Writer::commit`).
+//! A write is a statement with its values bound, or a claim's or a completion's values for the
+//! batch to bind ([`Write`]). A caller queues it and waits for its own answer. One task at a time,
+//! spawned by the first caller to find none running, takes everything queued (up to [`MAX_BATCH`]),
+//! without waiting for more, and runs it on one connection in one `BEGIN IMMEDIATE .. COMMIT`.
+//! Binding those itself ([`Merge`]), the batch writes its claims in one multi-row statement and its
+//! completions in another (in chunks of a power of two: at most 6 statements for up to 64 of a
+//! kind, where each took one; each statement is a round trip to sqlx's SQLite thread, and those
+//! round trips, not the fsync, were what a batch spent its time on). Each keeps its meaning: a
+//! claim sees the rows before it (two claims of one key have one winner), a completion is fenced by
+//! its own key and token; a write that violates a constraint fails alone; a `COMMIT` that fails
+//! fails the whole batch, which then wrote nothing (see `Writer::commit`).
 
 use std::{fmt, time::Duration};
 
@@ -30,14 +30,23 @@ pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 #[cfg_attr(not(feature = "sqlite"), expect(dead_code, reason = "SQLite's"))]
 pub(crate) const MAX_BATCH: usize = 64;
 
-/// One of the ledger's writes: a statement with its values bound, whose returned row is wanted
-/// (the claim) or only how many rows it wrote.
+/// One of the ledger's writes, whose returned row is wanted (the claim) or only how many rows it
+/// wrote.
 pub struct Write<DB: Database> {
-    query: Query<'static, DB, DB::Arguments>,
+    what: What<DB>,
     fetch: bool,
-    /// The values again, for a batch that writes this one in a statement with others of its kind
-    /// (SQLite's claims and completions; see [`Writer`]).
-    merge: Option<Merge>,
+}
+
+#[cfg_attr(
+    not(feature = "sqlite"),
+    expect(dead_code, reason = "only SQLite's batches bind values")
+)]
+enum What<DB: Database> {
+    /// A statement with its values bound.
+    Query(Query<'static, DB, DB::Arguments>),
+    /// A claim's or a completion's values, not yet bound: a one-writer database's batch binds
+    /// them, with the others of its kind in one statement or alone (SQLite's; see [`Writer`]).
+    Values(Merge),
 }
 
 /// A claim's or a completion's values, which a batch may write in one statement with the others
@@ -65,40 +74,47 @@ impl<DB: crate::backend::Backend> Write<DB> {
     /// A statement whose returned row is wanted.
     pub(crate) fn fetch(query: Query<'static, DB, DB::Arguments>) -> Self {
         Self {
-            query,
+            what: What::Query(query),
             fetch: true,
-            merge: None,
         }
     }
 
     /// A statement whose count of written rows is wanted.
     pub(crate) fn execute(query: Query<'static, DB, DB::Arguments>) -> Self {
         Self {
-            query,
+            what: What::Query(query),
             fetch: false,
-            merge: None,
         }
     }
 
-    /// The write with its values kept for a batch to merge, on a one-writer database
-    /// ([`Backend::ONE_WRITER`](crate::backend::Backend::ONE_WRITER)); elsewhere as it was.
-    pub(crate) fn merging(self, merge: impl FnOnce() -> Merge) -> Self {
+    /// A claim (whose returned row is wanted) or a completion (its count of written rows) as its
+    /// values, for a one-writer database's batch ([`Backend::ONE_WRITER`]) to bind.
+    ///
+    /// [`Backend::ONE_WRITER`]: crate::backend::Backend::ONE_WRITER
+    pub(crate) fn values(merge: Merge) -> Self {
+        let fetch = matches!(merge, Merge::Claim(_));
         Self {
-            merge: DB::ONE_WRITER.then(merge),
-            ..self
+            what: What::Values(merge),
+            fetch,
         }
     }
 
-    /// Runs the statement on `executor` (the pool, or a batch's transaction).
+    /// Runs the statement on `executor` (the pool, or a batch's transaction). A write made of
+    /// [`values`](Self::values) has no statement yet: its batch binds it first.
     pub(crate) async fn run<'e, E>(self, executor: E) -> Result<Written<DB>, sqlx::Error>
     where
         E: Executor<'e, Database = DB>,
         DB::Arguments: IntoArguments<DB>,
     {
+        let What::Query(query) = self.what else {
+            return Err(sqlx::Error::Protocol(
+                "the ledger ran a write whose values were not bound".into(),
+            ));
+        };
         if self.fetch {
-            self.query.fetch_optional(executor).await.map(Written::Row)
+            query.fetch_optional(executor).await.map(Written::Row)
         } else {
-            let done = self.query.execute(executor).await?;
+            let done = query.execute(executor).await?;
             Ok(Written::Rows(DB::rows_affected(&done)))
         }
     }
@@ -108,7 +124,7 @@ impl<DB: Database> fmt::Debug for Write<DB> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Write")
             .field("fetch", &self.fetch)
-            .field("merge", &self.merge.is_some())
+            .field("bound", &matches!(self.what, What::Query(_)))
             .finish_non_exhaustive()
     }
 }
@@ -161,7 +177,7 @@ mod sqlite {
     use tower_idempotency_core::LedgerError;
     use uuid::Uuid;
 
-    use super::{MAX_BATCH, Merge, WRITE_TIMEOUT, Write, Written};
+    use super::{MAX_BATCH, Merge, WRITE_TIMEOUT, What, Write, Written};
     use crate::{SqlLedger, row};
 
     type Answer = Result<Written<Sqlite>, LedgerError>;
@@ -183,6 +199,10 @@ mod sqlite {
     /// all, with the other statements of a table (about 25 in all; several tables on one pool
     /// share the cache and may evict each other's).
     pub(crate) struct Merged {
+        /// The ledger's `claim` statement, for a claim written alone.
+        pub(crate) claim: SqlStr,
+        /// The ledger's `complete` statement, for a completion written alone.
+        pub(crate) complete: SqlStr,
         pub(crate) claims: Vec<SqlStr>,
         pub(crate) completions: Vec<SqlStr>,
     }
@@ -433,10 +453,10 @@ mod sqlite {
                     answers[at] = Some(Err(LedgerError::backend("the caller went away")));
                     continue;
                 }
-                let group = match &write.merge {
-                    Some(Merge::Claim(_)) => Some(&mut claims),
-                    Some(Merge::Complete(_)) => Some(&mut completions),
-                    None => None,
+                let group = match &write.what {
+                    What::Values(Merge::Claim(_)) => Some(&mut claims),
+                    What::Values(Merge::Complete(_)) => Some(&mut completions),
+                    What::Query(_) => None,
                 };
                 match (group, identity(&write)) {
                     (Some(group), Some(id))
@@ -477,6 +497,25 @@ mod sqlite {
                 .collect())
         }
 
+        /// `write` with its values bound to the ledger's own statement, for running alone.
+        fn bound(&self, write: Write<Sqlite>) -> Write<Sqlite> {
+            let query = match write.what {
+                What::Query(query) => query,
+                What::Values(Merge::Claim(request)) => SqlLedger::<Sqlite>::bind_claim(
+                    sqlx::query(self.merged.claim.clone()),
+                    &request,
+                ),
+                What::Values(Merge::Complete(completion)) => SqlLedger::<Sqlite>::bind_completion(
+                    sqlx::query(self.merged.complete.clone()),
+                    &completion,
+                ),
+            };
+            Write {
+                what: What::Query(query),
+                fetch: write.fetch,
+            }
+        }
+
         /// Runs each of `writes` by its own statement, in order.
         async fn run_alone(
             &self,
@@ -486,7 +525,7 @@ mod sqlite {
         ) -> Result<(), Shared> {
             for (at, write) in writes {
                 self.statements.fetch_add(1, Ordering::Relaxed);
-                answers[at] = Some(match write.run(&mut *connection).await {
+                answers[at] = Some(match self.bound(write).run(&mut *connection).await {
                     Ok(written) => Ok(written),
                     Err(error) if fails_alone(&error) => Err(row::error(error)),
                     // Dropping the transaction rolls it back.
@@ -507,7 +546,11 @@ mod sqlite {
             answers: &mut [Option<Answer>],
         ) -> Result<(), Shared> {
             let mut query: Query<'_, Sqlite, _> = sqlx::query(sql.clone());
-            for merge in writes.iter().filter_map(|(_, write)| write.merge.as_ref()) {
+            let values = writes.iter().filter_map(|(_, write)| match &write.what {
+                What::Values(merge) => Some(merge),
+                What::Query(_) => None,
+            });
+            for merge in values {
                 query = match merge {
                     Merge::Claim(request) => SqlLedger::<Sqlite>::bind_claim(query, request),
                     Merge::Complete(completion) => {
@@ -557,10 +600,12 @@ mod sqlite {
 
     /// The key and token of a claim or a completion: what its merged statement returns for it.
     fn identity(write: &Write<Sqlite>) -> Option<([u8; 32], Uuid)> {
-        match &write.merge {
-            Some(Merge::Claim(request)) => Some((*request.key.as_bytes(), request.token.as_uuid())),
-            Some(Merge::Complete(completion)) => Some((completion.key, completion.token)),
-            None => None,
+        match &write.what {
+            What::Values(Merge::Claim(request)) => {
+                Some((*request.key.as_bytes(), request.token.as_uuid()))
+            }
+            What::Values(Merge::Complete(completion)) => Some((completion.key, completion.token)),
+            What::Query(_) => None,
         }
     }
 
